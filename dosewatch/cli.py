@@ -1,0 +1,117 @@
+"""The `dosewatch` command."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from dosewatch.replay import ReplayError, run_replay
+from dosewatch.settings import ReplaySettings, read_config_file
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "command", None):
+        parser.print_help()
+        return 2
+    handler = {"replay": _replay, "demo": _demo, "schemas": _schemas}[args.command]
+    try:
+        return handler(args)
+    except ReplayError as exc:
+        print(f"dosewatch {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dosewatch", description=__doc__)
+    sub = parser.add_subparsers(dest="command")
+
+    replay = sub.add_parser("replay", help="recompute dosage from archived pings")
+    replay.add_argument("--zones", type=Path, required=True, help="GeoJSON FeatureCollection")
+    replay.add_argument("--pings", type=Path, required=True, help="JSON lines, one ping each")
+    replay.add_argument("--out", type=Path, required=True, help="output directory")
+    _add_rule_flags(replay)
+
+    demo = sub.add_parser("demo", help="generate a seeded demo city and replay it")
+    demo.add_argument("--out", type=Path, default=Path(".dosewatch/demo"))
+    demo.add_argument("--seed", type=int, default=7)
+    demo.add_argument("--zones", type=int, default=60, dest="n_zones")
+    demo.add_argument("--units", type=int, default=25)
+    demo.add_argument("--hours", type=float, default=8.0)
+    _add_rule_flags(demo)
+
+    schemas = sub.add_parser("schemas", help="write the wire contracts as JSON Schema")
+    schemas.add_argument("--out", type=Path, default=None, help="directory (default: schemas/json)")
+    return parser
+
+
+def _add_rule_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tz", help="agency IANA timezone, e.g. America/New_York (default UTC)")
+    p.add_argument("--shifts", help="local shift start times, e.g. 07:00,15:00,23:00")
+    p.add_argument("--config", type=Path, help="TOML or JSON file of settings")
+    p.add_argument("--batch-size", type=int, dest="batch_size", help="pings per core batch")
+
+
+def settings_from(args: argparse.Namespace) -> ReplaySettings:
+    values: dict[str, Any] = {}
+    if args.config is not None:
+        try:
+            values.update(read_config_file(args.config))
+        except OSError as exc:
+            raise ReplayError(f"cannot read config {args.config}: {exc.strerror}") from None
+        except ValueError as exc:
+            raise ReplayError(f"config {args.config} is not valid: {exc}") from None
+    for key in ("tz", "shifts", "batch_size"):
+        if getattr(args, key, None) is not None:
+            values[key] = getattr(args, key)
+    try:
+        return ReplaySettings(**values)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc'])}: {e['msg'].removeprefix('Value error, ')}"
+            for e in exc.errors(include_url=False)
+        )
+        raise ReplayError(f"invalid settings: {problems}") from None
+
+
+def _replay(args: argparse.Namespace) -> int:
+    settings = settings_from(args)
+    for label, path in (("--zones", args.zones), ("--pings", args.pings)):
+        if not path.is_file():
+            raise ReplayError(f"{label} {path}: no such file")
+    summary = run_replay(args.zones, args.pings, args.out, settings)
+    print(summary.text())
+    print(f"  wrote {args.out}/visits.jsonl, zone_periods.jsonl, events.jsonl, rejected.jsonl")
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from dosewatch.demo import write_demo_city
+
+    settings = settings_from(args)
+    zones_path, pings_path = write_demo_city(
+        args.out, seed=args.seed, zones=args.n_zones, units=args.units, hours=args.hours
+    )
+    print(f"demo city (seed {args.seed}): {zones_path}, {pings_path}")
+    summary = run_replay(zones_path, pings_path, args.out / "replay", settings)
+    print(summary.text())
+    print(f"  wrote {args.out}/replay/")
+    return 0
+
+
+def _schemas(args: argparse.Namespace) -> int:
+    from schemas.export import write_schemas
+
+    for path in write_schemas(args.out):
+        print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

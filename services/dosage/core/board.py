@@ -1,0 +1,204 @@
+"""Per-zone live status, driven only by visit events and the stream clock.
+
+Status is a function of time (a zone turns `met` fifteen minutes after it became occupied, and
+`due` again `revisit_s` after its last dosed presence), so the board keeps one deadline per zone
+and reports each change at the instant it happened, not when somebody next looked.
+"""
+
+from __future__ import annotations
+
+import bisect
+import heapq
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+from services.dosage.core.params import DosageParams, ZoneRules
+from services.dosage.core.periods import ShiftCalendar, ZonePeriod, merge_intervals, zone_periods
+from services.dosage.core.tracker import VisitEvent, VisitEventKind
+
+_DAY_MS = 86_400_000
+
+
+class ZoneStatusKind(StrEnum):
+    ACTIVE = "active"
+    MET = "met"
+    OVERSTAY = "overstay"
+    DUE = "due"
+    SATISFIED = "satisfied"
+    INACTIVE = "inactive"
+
+
+@dataclass(slots=True)
+class ZoneLive:
+    zone_id: str
+    rules: ZoneRules
+    present: dict[str, int] = field(default_factory=dict)  # unit -> visit started_at
+    occupied_since: int | None = None
+    qualified: list[tuple[int, int]] = field(default_factory=list)  # recent visits, sorted
+    last_dosed_end: int | None = None
+    status: ZoneStatusKind = ZoneStatusKind.DUE
+    generation: int = 0  # invalidates stale deadlines
+
+
+@dataclass(frozen=True, slots=True)
+class StatusChange:
+    zone_id: str
+    time: int
+    previous: ZoneStatusKind
+    status: ZoneStatusKind
+
+
+@dataclass(frozen=True, slots=True)
+class ZoneSnapshot:
+    """Everything a console or an MDT needs about one zone at one instant."""
+
+    zone_id: str
+    status: ZoneStatusKind
+    as_of: int
+    occupied_since: int | None
+    elapsed_ms: int
+    remaining_ms: int
+    target_ms: int
+    units_present: tuple[str, ...]
+    last_dosed_end: int | None
+    shift: ZonePeriod
+
+
+class ZoneBoard:
+    def __init__(
+        self, zones: Mapping[str, ZoneRules], params: DosageParams, calendar: ShiftCalendar
+    ) -> None:
+        self.params = params
+        self.calendar = calendar
+        self.clock: int | None = None
+        self.zones: dict[str, ZoneLive] = {zid: ZoneLive(zid, r) for zid, r in zones.items()}
+        self._revisit = params.revisit_ms
+        self._deadlines: list[tuple[int, str, int]] = []
+
+    # -- input -------------------------------------------------------------------------------
+
+    def apply(self, event: VisitEvent) -> list[StatusChange]:
+        """One visit event; the clock first moves to its time."""
+        out = self.advance(event.time)
+        zone = self.zones.get(event.zone_id)
+        if zone is None:  # a zone this board does not own (or one deleted meanwhile)
+            return out
+        zone.rules = event.rules
+        if event.kind is VisitEventKind.STARTED:
+            zone.present[event.unit_id] = event.started_at
+            if zone.occupied_since is None or event.started_at < zone.occupied_since:
+                zone.occupied_since = event.started_at
+        elif event.kind is VisitEventKind.ENDED:
+            zone.present.pop(event.unit_id, None)
+            if not zone.present:
+                zone.occupied_since = None
+            if event.qualified:
+                self._add_qualified(zone, event.started_at, event.last_in)
+        self._refresh(zone, self._now(event.time), out)
+        return out
+
+    def advance(self, clock: int) -> list[StatusChange]:
+        """Move the clock and report the time-driven changes up to it, each at its own instant."""
+        out: list[StatusChange] = []
+        if self.clock is not None and clock <= self.clock:
+            return out
+        self.clock = clock
+        while self._deadlines and self._deadlines[0][0] <= clock:
+            at, zone_id, generation = heapq.heappop(self._deadlines)
+            zone = self.zones.get(zone_id)
+            if zone is not None and zone.generation == generation:
+                self._refresh(zone, at, out)
+        return out
+
+    def upsert_zone(self, zone_id: str, rules: ZoneRules) -> None:
+        zone = self.zones.get(zone_id)
+        if zone is None:
+            self.zones[zone_id] = ZoneLive(zone_id, rules)
+        else:
+            zone.rules = rules
+
+    def remove_zone(self, zone_id: str) -> None:
+        self.zones.pop(zone_id, None)
+
+    # -- output ------------------------------------------------------------------------------
+
+    def snapshot(self, zone_id: str, at: int | None = None) -> ZoneSnapshot:
+        zone = self.zones[zone_id]
+        now = self._now(at)
+        status = self._status(zone, now)
+        elapsed = now - zone.occupied_since if zone.occupied_since is not None else 0
+        start, end = self.calendar.shift_of(now)
+        intervals = list(zone.qualified)
+        for started in zone.present.values():  # ongoing visits count once they qualify
+            if now - started >= zone.rules.min_visit_ms:
+                intervals.append((started, now))
+        rows = [
+            p
+            for p in zone_periods(zone_id, intervals, zone.rules.target_ms, self.calendar)
+            if p.period_start == start
+        ]
+        shift = rows[0] if rows else ZonePeriod(zone_id, start, end, 0, 0, 0, 0)
+        return ZoneSnapshot(
+            zone_id=zone_id,
+            status=status,
+            as_of=now,
+            occupied_since=zone.occupied_since,
+            elapsed_ms=max(0, elapsed),
+            remaining_ms=max(0, zone.rules.target_ms - elapsed) if zone.present else 0,
+            target_ms=zone.rules.target_ms,
+            units_present=tuple(sorted(zone.present)),
+            last_dosed_end=zone.last_dosed_end,
+            shift=shift,
+        )
+
+    # -- rules -------------------------------------------------------------------------------
+
+    def _status(self, zone: ZoneLive, now: int) -> ZoneStatusKind:
+        if zone.present and zone.occupied_since is not None:
+            elapsed = now - zone.occupied_since
+            if elapsed > zone.rules.max_visit_ms:
+                return ZoneStatusKind.OVERSTAY
+            if elapsed >= zone.rules.target_ms:
+                return ZoneStatusKind.MET
+            return ZoneStatusKind.ACTIVE
+        if zone.last_dosed_end is None or now - zone.last_dosed_end > self._revisit:
+            return ZoneStatusKind.DUE
+        return ZoneStatusKind.SATISFIED
+
+    def _next_change(self, zone: ZoneLive, now: int) -> int | None:
+        if zone.present and zone.occupied_since is not None:
+            if now - zone.occupied_since < zone.rules.target_ms:
+                return zone.occupied_since + zone.rules.target_ms
+            if now - zone.occupied_since <= zone.rules.max_visit_ms:
+                return zone.occupied_since + zone.rules.max_visit_ms + 1
+            return None
+        if zone.last_dosed_end is not None and now - zone.last_dosed_end <= self._revisit:
+            return zone.last_dosed_end + self._revisit + 1
+        return None
+
+    def _refresh(self, zone: ZoneLive, now: int, out: list[StatusChange]) -> None:
+        status = self._status(zone, now)
+        if status is not zone.status:
+            out.append(StatusChange(zone.zone_id, now, zone.status, status))
+            zone.status = status
+        zone.generation += 1
+        deadline = self._next_change(zone, now)
+        if deadline is not None:
+            heapq.heappush(self._deadlines, (deadline, zone.zone_id, zone.generation))
+
+    def _add_qualified(self, zone: ZoneLive, start: int, end: int) -> None:
+        bisect.insort(zone.qualified, (start, end))
+        for s, e in merge_intervals(zone.qualified):
+            if e - s >= zone.rules.target_ms and (
+                zone.last_dosed_end is None or e > zone.last_dosed_end
+            ):
+                zone.last_dosed_end = e
+        # Keep what today's shift totals and late merges can still touch.
+        horizon = end - 2 * _DAY_MS
+        zone.qualified = [iv for iv in zone.qualified if iv[1] >= horizon]
+
+    def _now(self, at: int | None) -> int:
+        if at is not None:
+            return at
+        return self.clock if self.clock is not None else 0

@@ -1,0 +1,113 @@
+"""Records and CloudEvents 1.0 (JSON structured mode) built from core results.
+
+Event ids are derived from what the event says, so a redelivered or recomputed event carries
+the same id and consumers can de-duplicate.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+from schemas.timefmt import format_ts
+from services.dosage.core.board import StatusChange, ZoneSnapshot
+from services.dosage.core.periods import ZonePeriod
+from services.dosage.core.tracker import VisitEvent, VisitEventKind
+
+SPEC_VERSION = "1.0"
+VISIT_TYPES = {
+    VisitEventKind.STARTED: "dosewatch.visit.started",
+    VisitEventKind.TARGET_MET: "dosewatch.visit.target_met",
+    VisitEventKind.OVERSTAY: "dosewatch.visit.overstay",
+    VisitEventKind.ENDED: "dosewatch.visit.ended",
+}
+STATUS_CHANGED = "dosewatch.zone.status_changed"
+
+
+def event_id(*parts: object) -> str:
+    return hashlib.sha256("\x1f".join(str(p) for p in parts).encode()).hexdigest()[:32]
+
+
+def seconds(ms: int) -> float:
+    return ms / 1000.0
+
+
+def visit_row(e: VisitEvent) -> dict[str, Any]:
+    """A closed visit exactly as `visits.jsonl` and the `visit.ended` event data carry it."""
+    return {
+        "unit_id": e.unit_id,
+        "zone_id": e.zone_id,
+        "started_at": format_ts(e.started_at),
+        "ended_at": format_ts(e.last_in),
+        "duration_s": seconds(e.duration_ms),
+        "end_reason": str(e.end_reason),
+        "qualified": e.qualified,
+        "target_met": e.target_met,
+        "overstay": e.overstay,
+    }
+
+
+def period_row(p: ZonePeriod) -> dict[str, Any]:
+    return {
+        "zone_id": p.zone_id,
+        "period_start": format_ts(p.period_start),
+        "period_end": format_ts(p.period_end),
+        "presence_s": seconds(p.presence_ms),
+        "officer_s": seconds(p.officer_ms),
+        "visits": p.visits,
+        "dosed_visits": p.dosed_visits,
+    }
+
+
+def status_row(s: ZoneSnapshot) -> dict[str, Any]:
+    return {
+        "zone_id": s.zone_id,
+        "status": str(s.status),
+        "as_of": format_ts(s.as_of),
+        "occupied_since": None if s.occupied_since is None else format_ts(s.occupied_since),
+        "elapsed_s": seconds(s.elapsed_ms),
+        "remaining_s": seconds(s.remaining_ms),
+        "target_s": seconds(s.target_ms),
+        "units_present": list(s.units_present),
+        "last_dosed_end": None if s.last_dosed_end is None else format_ts(s.last_dosed_end),
+        "shift": period_row(s.shift),
+    }
+
+
+def visit_cloudevent(e: VisitEvent, source: str) -> dict[str, Any]:
+    if e.kind is VisitEventKind.ENDED:
+        data = visit_row(e)
+    else:
+        data = {
+            "unit_id": e.unit_id,
+            "zone_id": e.zone_id,
+            "started_at": format_ts(e.started_at),
+            "last_in": format_ts(e.last_in),
+            "duration_s": seconds(e.duration_ms),
+            "target_s": seconds(e.rules.target_ms),
+            "max_visit_s": seconds(e.rules.max_visit_ms),
+        }
+    kind = VISIT_TYPES[e.kind]
+    return _envelope(kind, event_id(kind, e.unit_id, e.zone_id, e.started_at), source, e.time,
+                     e.zone_id, data)
+
+
+def status_cloudevent(change: StatusChange, snapshot: ZoneSnapshot, source: str) -> dict[str, Any]:
+    data = status_row(snapshot) | {"previous_status": str(change.previous)}
+    eid = event_id(STATUS_CHANGED, change.zone_id, change.time, change.previous, change.status)
+    return _envelope(STATUS_CHANGED, eid, source, change.time, change.zone_id, data)
+
+
+def _envelope(
+    kind: str, eid: str, source: str, at: int, subject: str, data: dict[str, Any]
+) -> dict[str, Any]:
+    return {
+        "specversion": SPEC_VERSION,
+        "id": eid,
+        "source": source,
+        "type": kind,
+        "time": format_ts(at),
+        "subject": subject,
+        "datacontenttype": "application/json",
+        "data": data,
+    }

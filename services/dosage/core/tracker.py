@@ -1,0 +1,252 @@
+"""Per-unit dosage rules: turns usable pings into visit events.
+
+One tracker serves the units of one ordered stream (a replay, or one Kafka partition), with
+that stream's clock. Geometry is judged per batch by the index; the rules then walk the batch
+in arrival order, because each ping's meaning depends on the one before it.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from enum import Enum
+
+import numpy as np
+
+from services.dosage.core.params import DosageParams, ZoneRules
+from services.dosage.core.visit import EndReason, Moment, Visit, Where
+from services.geofence.core.index import ZoneIndex
+
+
+@dataclass(frozen=True, slots=True)
+class Fix:
+    """A valid ping, reduced to what the rules read."""
+
+    unit_id: str
+    ts: int  # epoch ms, UTC
+    lon: float
+    lat: float
+    accuracy_m: float | None = None
+
+
+class VisitEventKind(Enum):
+    STARTED = "started"
+    TARGET_MET = "target_met"
+    OVERSTAY = "overstay"
+    ENDED = "ended"
+
+
+_MOMENT_KIND = {
+    Moment.TARGET_MET: VisitEventKind.TARGET_MET,
+    Moment.OVERSTAY: VisitEventKind.OVERSTAY,
+    Moment.ENDED: VisitEventKind.ENDED,
+}
+
+
+@dataclass(frozen=True, slots=True)
+class VisitEvent:
+    """A snapshot of a visit at the moment something happened to it."""
+
+    kind: VisitEventKind
+    time: int  # when it happened on the stream clock (epoch ms)
+    unit_id: str
+    zone_id: str
+    started_at: int
+    last_in: int
+    rules: ZoneRules
+    end_reason: EndReason | None = None
+
+    @property
+    def duration_ms(self) -> int:
+        return self.last_in - self.started_at
+
+    @property
+    def qualified(self) -> bool:
+        return self.duration_ms >= self.rules.min_visit_ms
+
+    @property
+    def target_met(self) -> bool:
+        return self.duration_ms >= self.rules.target_ms
+
+    @property
+    def overstay(self) -> bool:
+        return self.duration_ms > self.rules.max_visit_ms
+
+
+@dataclass(slots=True)
+class UnitState:
+    last_usable: int | None = None
+    open: dict[str, Visit] = field(default_factory=dict)
+    # Last-seen information is updated by every valid ping, usable or not.
+    seen_ts: int | None = None
+    seen_lon: float = 0.0
+    seen_lat: float = 0.0
+    seen_accuracy_m: float | None = None
+
+
+@dataclass(slots=True)
+class TrackerStats:
+    valid: int = 0
+    usable: int = 0
+    low_accuracy: int = 0
+    duplicate: int = 0  # same ts as the unit's previous usable ping
+    late: int = 0  # older than the unit's previous usable ping
+
+
+class VisitTracker:
+    def __init__(self, index: ZoneIndex, params: DosageParams) -> None:
+        self.index = index
+        self.params = params
+        self.clock: int | None = None
+        self.units: dict[str, UnitState] = {}
+        self.stats = TrackerStats()
+        self._max_gap = params.max_gap_ms
+        self._confirm = params.exit_confirm_ms
+        self._max_accuracy = params.max_accuracy_m
+        # (last usable ts, unit) for units with open visits; stale entries are skipped lazily.
+        self._watch: list[tuple[int, str]] = []
+
+    # -- input -------------------------------------------------------------------------------
+
+    def process(self, fixes: Sequence[Fix]) -> list[VisitEvent]:
+        """Apply a batch of valid pings in arrival order."""
+        out: list[VisitEvent] = []
+        if not fixes:
+            return out
+        hits = self.index.classify(
+            np.fromiter((f.lon for f in fixes), dtype=np.float64, count=len(fixes)),
+            np.fromiter((f.lat for f in fixes), dtype=np.float64, count=len(fixes)),
+        )
+        hit_point = hits.point.tolist()
+        hit_zone = hits.zone.tolist()
+        hit_inside = hits.inside.tolist()
+        zone_ids = self.index.zone_ids
+        k = 0
+        n_hits = len(hit_point)
+        for i, fix in enumerate(fixes):
+            here: dict[str, bool] = {}
+            while k < n_hits and hit_point[k] == i:
+                here[zone_ids[hit_zone[k]]] = hit_inside[k]
+                k += 1
+            self._apply(fix, here, out)
+        return out
+
+    def advance(self, clock: int) -> list[VisitEvent]:
+        """Move the stream clock (live services add wall time since the last record)."""
+        out: list[VisitEvent] = []
+        if self.clock is None or clock > self.clock:
+            self.clock = clock
+            self._watchdog(out)
+        return out
+
+    def finish(self) -> list[VisitEvent]:
+        """End of input: close what is still open."""
+        out: list[VisitEvent] = []
+        clock = self.clock if self.clock is not None else 0
+        for unit_id in sorted(self.units):
+            unit = self.units[unit_id]
+            if not unit.open:
+                continue
+            lost = unit.last_usable is not None and clock - unit.last_usable > self._max_gap
+            reason = EndReason.SIGNAL_LOST if lost else EndReason.END_OF_INPUT
+            self._close_all(unit, reason, clock, out)
+        self._watch.clear()
+        return out
+
+    def replace_index(self, index: ZoneIndex) -> list[VisitEvent]:
+        """Swap in a rebuilt index; visits in zones whose shape changed or that are gone close."""
+        out: list[VisitEvent] = []
+        old = self.index
+        gone = {
+            zid
+            for zid, pos in old.position.items()
+            if zid not in index.position
+            or not old.zones[pos].same_shape(index.zones[index.position[zid]])
+        }
+        self.index = index
+        clock = self.clock if self.clock is not None else 0
+        for unit_id in sorted(self.units):
+            unit = self.units[unit_id]
+            for zone_id in sorted(z for z in unit.open if z in gone):
+                visit = unit.open.pop(zone_id)
+                visit.close(EndReason.ZONE_CHANGED)
+                out.append(self._event(VisitEventKind.ENDED, clock, visit, old))
+        return out
+
+    # -- rules -------------------------------------------------------------------------------
+
+    def _apply(self, fix: Fix, here: dict[str, bool], out: list[VisitEvent]) -> None:
+        self.stats.valid += 1
+        if self.clock is None or fix.ts > self.clock:
+            self.clock = fix.ts
+            self._watchdog(out)
+        unit = self.units.get(fix.unit_id)
+        if unit is None:
+            unit = self.units[fix.unit_id] = UnitState()
+        if unit.seen_ts is None or fix.ts >= unit.seen_ts:
+            unit.seen_ts, unit.seen_lon, unit.seen_lat = fix.ts, fix.lon, fix.lat
+            unit.seen_accuracy_m = fix.accuracy_m
+        if fix.accuracy_m is not None and fix.accuracy_m > self._max_accuracy:
+            self.stats.low_accuracy += 1
+            return
+        ts = fix.ts
+        prev = unit.last_usable
+        if prev is not None and ts <= prev:
+            if ts == prev:
+                self.stats.duplicate += 1
+            else:
+                self.stats.late += 1
+            return
+        self.stats.usable += 1
+        if prev is not None and ts - prev > self._max_gap and unit.open:
+            self._close_all(unit, EndReason.SIGNAL_LOST, ts, out)
+        index = self.index
+        for zone_id, visit in list(unit.open.items()):
+            inside = here.get(zone_id)
+            where = Where.OUTSIDE if inside is None else Where.INSIDE if inside else Where.NEAR
+            rules = index.rules[index.position[zone_id]]
+            for moment in visit.observe(where, ts, rules, self._confirm):
+                out.append(self._event(_MOMENT_KIND[moment], ts, visit, index))
+            if not visit.is_open:
+                del unit.open[zone_id]
+        for zone_id, inside in here.items():
+            if inside and zone_id not in unit.open:
+                visit = Visit.open(fix.unit_id, zone_id, ts)
+                unit.open[zone_id] = visit
+                out.append(self._event(VisitEventKind.STARTED, ts, visit, index))
+        unit.last_usable = ts
+        if unit.open:
+            heapq.heappush(self._watch, (ts, fix.unit_id))
+
+    def _watchdog(self, out: list[VisitEvent]) -> None:
+        assert self.clock is not None
+        horizon = self.clock - self._max_gap
+        watch = self._watch
+        while watch and watch[0][0] < horizon:
+            ts, unit_id = heapq.heappop(watch)
+            unit = self.units[unit_id]
+            if unit.last_usable == ts and unit.open:
+                self._close_all(unit, EndReason.SIGNAL_LOST, self.clock, out)
+
+    def _close_all(
+        self, unit: UnitState, reason: EndReason, at: int, out: list[VisitEvent]
+    ) -> None:
+        for zone_id in sorted(unit.open):
+            visit = unit.open[zone_id]
+            visit.close(reason)
+            out.append(self._event(VisitEventKind.ENDED, at, visit, self.index))
+        unit.open.clear()
+
+    @staticmethod
+    def _event(kind: VisitEventKind, at: int, visit: Visit, index: ZoneIndex) -> VisitEvent:
+        return VisitEvent(
+            kind=kind,
+            time=at,
+            unit_id=visit.unit_id,
+            zone_id=visit.zone_id,
+            started_at=visit.started_at,
+            last_in=visit.last_in,
+            rules=index.rules[index.position[visit.zone_id]],
+            end_reason=visit.end_reason,
+        )

@@ -1,0 +1,118 @@
+"""The visit state machine for one unit in one zone.
+
+In the style of h11: no I/O, every transition in `_TRANSITIONS`, and anything else raises
+`IllegalTransition` instead of being guessed at.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum, StrEnum
+
+from services.dosage.core.params import ZoneRules
+
+
+class Where(Enum):
+    """Where a usable ping stands relative to one zone."""
+
+    INSIDE = "inside"
+    NEAR = "near"  # outside, but within exit_buffer_m: hysteresis against GPS jitter
+    OUTSIDE = "outside"
+
+
+class VisitState(Enum):
+    OPEN = "open"
+    EXIT_PENDING = "exit_pending"  # outside the ring, waiting for exit_confirm_s
+    CLOSED = "closed"
+
+
+class EndReason(StrEnum):
+    EXITED = "exited"
+    SIGNAL_LOST = "signal_lost"
+    END_OF_INPUT = "end_of_input"
+    ZONE_CHANGED = "zone_changed"
+
+
+class Moment(Enum):
+    """Things worth telling the world that a single observation can cause."""
+
+    TARGET_MET = "target_met"
+    OVERSTAY = "overstay"
+    ENDED = "ended"
+
+
+class IllegalTransition(RuntimeError):
+    """A caller asked the machine for something the rules do not allow."""
+
+
+# (state, where) -> state, before the exit-confirmation check. Nothing else is legal.
+_TRANSITIONS: dict[tuple[VisitState, Where], VisitState] = {
+    (VisitState.OPEN, Where.INSIDE): VisitState.OPEN,
+    (VisitState.OPEN, Where.NEAR): VisitState.OPEN,
+    (VisitState.OPEN, Where.OUTSIDE): VisitState.EXIT_PENDING,
+    (VisitState.EXIT_PENDING, Where.INSIDE): VisitState.OPEN,
+    (VisitState.EXIT_PENDING, Where.NEAR): VisitState.OPEN,
+    (VisitState.EXIT_PENDING, Where.OUTSIDE): VisitState.EXIT_PENDING,
+}
+
+
+@dataclass(slots=True)
+class Visit:
+    unit_id: str
+    zone_id: str
+    started_at: int  # epoch ms
+    last_in: int  # last usable ping inside or near; a visit always ends here
+    last_seen: int  # last usable ping of any kind that this visit judged
+    state: VisitState = VisitState.OPEN
+    out_since: int | None = None
+    end_reason: EndReason | None = None
+    target_reported: bool = False
+    overstay_reported: bool = False
+
+    @classmethod
+    def open(cls, unit_id: str, zone_id: str, ts: int) -> Visit:
+        return cls(unit_id, zone_id, started_at=ts, last_in=ts, last_seen=ts)
+
+    @property
+    def duration_ms(self) -> int:
+        return self.last_in - self.started_at
+
+    @property
+    def is_open(self) -> bool:
+        return self.state is not VisitState.CLOSED
+
+    def observe(
+        self, where: Where, ts: int, rules: ZoneRules, exit_confirm_ms: int
+    ) -> list[Moment]:
+        """Judge one usable ping of this unit; return the moments it caused, in order."""
+        if self.state is VisitState.CLOSED:
+            raise IllegalTransition(f"visit {self.unit_id}/{self.zone_id} is closed")
+        if ts <= self.last_seen:
+            raise IllegalTransition(
+                f"ping at {ts} is not after the visit's previous ping at {self.last_seen}"
+            )
+        self.state = _TRANSITIONS[(self.state, where)]
+        self.last_seen = ts
+        moments: list[Moment] = []
+        if self.state is VisitState.OPEN:
+            self.last_in = ts  # the time in between stays credited: a short excursion is jitter
+            self.out_since = None
+            if not self.target_reported and self.duration_ms >= rules.target_ms:
+                self.target_reported = True
+                moments.append(Moment.TARGET_MET)
+            if not self.overstay_reported and self.duration_ms > rules.max_visit_ms:
+                self.overstay_reported = True
+                moments.append(Moment.OVERSTAY)
+        else:
+            if self.out_since is None:
+                self.out_since = ts
+            if ts - self.out_since >= exit_confirm_ms:
+                self.close(EndReason.EXITED)
+                moments.append(Moment.ENDED)
+        return moments
+
+    def close(self, reason: EndReason) -> None:
+        if self.state is VisitState.CLOSED:
+            raise IllegalTransition(f"visit {self.unit_id}/{self.zone_id} is already closed")
+        self.state = VisitState.CLOSED
+        self.end_reason = reason
