@@ -11,6 +11,7 @@ from typing import IO, Any
 import orjson
 from pydantic import ValidationError
 
+from dosewatch.settings import ReplaySettings
 from schemas.ping import Ping, PingError, ping_errors, validate_ping
 from schemas.zone import parse_zone_collection
 from services.dosage.core.board import ZoneBoard
@@ -25,7 +26,6 @@ from services.dosage.core.periods import zone_periods
 from services.dosage.core.tracker import Fix, VisitEvent, VisitEventKind, VisitTracker
 from services.geofence.core.index import ZoneIndex
 from services.geofence.core.zone import ZoneSpec
-from dosewatch.settings import ReplaySettings
 
 
 class ReplayError(Exception):
@@ -184,11 +184,11 @@ def run_replay(
                 if e.kind is VisitEventKind.ENDED:
                     ended.append(e)
                 for change in board.apply(e):
-                    snap = board.snapshot(change.zone_id, change.time)
-                    _write(events_out, status_cloudevent(change, snap, settings.source))
+                    _write(events_out, status_cloudevent(change, settings.source))
                     summary.events += 1
 
         batch: list[Fix] = []
+
         def numbered() -> Iterator[tuple[int, bytes]]:
             for n, line in enumerate(source, start=1):
                 summary.lines = n
@@ -214,9 +214,9 @@ def run_replay(
     with (out_dir / "visits.jsonl").open("wb") as visits_out:
         for e in ended:
             _write(visits_out, visit_row(e))
-            summary.end_reasons[str(e.end_reason)] = summary.end_reasons.get(
-                str(e.end_reason), 0
-            ) + 1
+            summary.end_reasons[str(e.end_reason)] = (
+                summary.end_reasons.get(str(e.end_reason), 0) + 1
+            )
             summary.qualified += e.qualified
             summary.target_met += e.target_met
             summary.overstay += e.overstay

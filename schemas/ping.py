@@ -52,7 +52,6 @@ class Ping(BaseModel):
     source: str | None = None
 
 
-
 class PingError(BaseModel):
     """Why one field of one ping was refused."""
 

@@ -94,7 +94,7 @@ class ZoneError(BaseModel):
 
 
 def parse_zone_collection(doc: Any) -> tuple[list[ZoneFeature], list[ZoneError]]:
-    """Validate a FeatureCollection (or a bare Feature); report every bad feature, not only the first."""
+    """Validate a FeatureCollection (or one Feature); report every bad feature."""
     if isinstance(doc, dict) and doc.get("type") == "Feature":
         features: list[Any] = [doc]
     elif isinstance(doc, dict) and doc.get("type") == "FeatureCollection":
@@ -104,7 +104,9 @@ def parse_zone_collection(doc: Any) -> tuple[list[ZoneFeature], list[ZoneError]]
         features = raw
     else:
         return [], [
-            ZoneError(index=-1, zone_id=None, reason="expected a GeoJSON FeatureCollection or Feature")
+            ZoneError(
+                index=-1, zone_id=None, reason="expected a GeoJSON FeatureCollection or Feature"
+            )
         ]
     zones: list[ZoneFeature] = []
     errors: list[ZoneError] = []

@@ -42,14 +42,6 @@ class ZoneLive:
 
 
 @dataclass(frozen=True, slots=True)
-class StatusChange:
-    zone_id: str
-    time: int
-    previous: ZoneStatusKind
-    status: ZoneStatusKind
-
-
-@dataclass(frozen=True, slots=True)
 class ZoneSnapshot:
     """Everything a console or an MDT needs about one zone at one instant."""
 
@@ -63,6 +55,15 @@ class ZoneSnapshot:
     units_present: tuple[str, ...]
     last_dosed_end: int | None
     shift: ZonePeriod
+
+
+@dataclass(frozen=True, slots=True)
+class StatusChange:
+    zone_id: str
+    time: int
+    previous: ZoneStatusKind
+    status: ZoneStatusKind
+    snapshot: ZoneSnapshot  # the zone as it stood at that instant
 
 
 class ZoneBoard:
@@ -103,12 +104,13 @@ class ZoneBoard:
         out: list[StatusChange] = []
         if self.clock is not None and clock <= self.clock:
             return out
-        self.clock = clock
         while self._deadlines and self._deadlines[0][0] <= clock:
             at, zone_id, generation = heapq.heappop(self._deadlines)
             zone = self.zones.get(zone_id)
             if zone is not None and zone.generation == generation:
+                self.clock = max(at, self.clock or at)
                 self._refresh(zone, at, out)
+        self.clock = clock
         return out
 
     def upsert_zone(self, zone_id: str, rules: ZoneRules) -> None:
@@ -180,8 +182,10 @@ class ZoneBoard:
     def _refresh(self, zone: ZoneLive, now: int, out: list[StatusChange]) -> None:
         status = self._status(zone, now)
         if status is not zone.status:
-            out.append(StatusChange(zone.zone_id, now, zone.status, status))
-            zone.status = status
+            previous, zone.status = zone.status, status
+            out.append(
+                StatusChange(zone.zone_id, now, previous, status, self.snapshot(zone.zone_id, now))
+            )
         zone.generation += 1
         deadline = self._next_change(zone, now)
         if deadline is not None:
@@ -199,6 +203,6 @@ class ZoneBoard:
         zone.qualified = [iv for iv in zone.qualified if iv[1] >= horizon]
 
     def _now(self, at: int | None) -> int:
-        if at is not None:
-            return at
-        return self.clock if self.clock is not None else 0
+        """Never before the board's clock: a lagging unit's event is applied as of now."""
+        clock = self.clock if self.clock is not None else 0
+        return clock if at is None else max(at, clock)

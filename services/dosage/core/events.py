@@ -88,12 +88,13 @@ def visit_cloudevent(e: VisitEvent, source: str) -> dict[str, Any]:
             "max_visit_s": seconds(e.rules.max_visit_ms),
         }
     kind = VISIT_TYPES[e.kind]
-    return _envelope(kind, event_id(kind, e.unit_id, e.zone_id, e.started_at), source, e.time,
-                     e.zone_id, data)
+    return _envelope(
+        kind, event_id(kind, e.unit_id, e.zone_id, e.started_at), source, e.time, e.zone_id, data
+    )
 
 
-def status_cloudevent(change: StatusChange, snapshot: ZoneSnapshot, source: str) -> dict[str, Any]:
-    data = status_row(snapshot) | {"previous_status": str(change.previous)}
+def status_cloudevent(change: StatusChange, source: str) -> dict[str, Any]:
+    data = status_row(change.snapshot) | {"previous_status": str(change.previous)}
     eid = event_id(STATUS_CHANGED, change.zone_id, change.time, change.previous, change.status)
     return _envelope(STATUS_CHANGED, eid, source, change.time, change.zone_id, data)
 

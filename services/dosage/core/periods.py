@@ -8,7 +8,6 @@ from dataclasses import dataclass
 from datetime import UTC, date, datetime, time, timedelta
 from zoneinfo import ZoneInfo
 
-
 _DAY_MS = 86_400_000
 
 
@@ -30,7 +29,7 @@ def parse_shift_starts(text: str) -> tuple[time, ...]:
 
 
 class ShiftCalendar:
-    """Shift boundaries as UTC instants. A shift that spans a DST change is an hour longer or shorter."""
+    """Shift boundaries as UTC instants; a shift spanning a DST change is 1 h longer or shorter."""
 
     def __init__(self, tz: str, starts: Sequence[time]) -> None:
         self.tz = ZoneInfo(tz)

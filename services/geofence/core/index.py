@@ -32,7 +32,7 @@ class Hits:
 
 
 class ZoneIndex:
-    """Immutable: a zone edit builds a new index that replaces the old one in a single assignment."""
+    """Immutable: a zone edit builds a new index that replaces the old one in one assignment."""
 
     def __init__(self, zones: Sequence[ZoneSpec], params: DosageParams) -> None:
         ids = [z.zone_id for z in zones]

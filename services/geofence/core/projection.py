@@ -1,4 +1,4 @@
-"""A local azimuthal-equidistant projection, so that buffers and distances are metres on the ground."""
+"""A local azimuthal-equidistant projection: buffers and distances in metres on the ground."""
 
 from __future__ import annotations
 
