@@ -39,7 +39,9 @@ def make_zones(
         cx, cy = rng.uniform(-half, half), rng.uniform(-half, half)
         radius = rng.uniform(50.0, 200.0)
         n = rng.randint(6, 12)
-        angles = sorted(rng.uniform(0, 2 * math.pi) for _ in range(n))
+        # Jittered but evenly spread angles keep every gap under pi: the ring is simple.
+        step = 2 * math.pi / n
+        angles = [k * step + rng.uniform(-0.3, 0.3) * step for k in range(n)]
         ring = []
         for a in angles:
             r = radius * rng.uniform(0.7, 1.0)

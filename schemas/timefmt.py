@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import re
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
+from functools import lru_cache
 
 # RFC 3339 demands a date, a "T" (or space is *not* allowed here), a time and an explicit offset.
 _RFC3339 = re.compile(r"^\d{4}-\d{2}-\d{2}[Tt]\d{2}:\d{2}:\d{2}(\.\d{1,9})?([Zz]|[+-]\d{2}:\d{2})$")
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_MS = timedelta(milliseconds=1)
 
 
 def parse_ts(value: object) -> int:
@@ -26,27 +28,27 @@ def parse_ts(value: object) -> int:
             raise ValueError(
                 "must be RFC 3339 with a 'Z' or numeric offset, e.g. 2026-05-14T18:00:05.000Z"
             )
-        text = value.replace("t", "T").replace("z", "Z")
-        frac = ""
-        dot = text.find(".")
-        if dot != -1:
-            end = dot + 1
-            while end < len(text) and text[end].isdigit():
-                end += 1
-            frac = text[dot + 1 : end]
-            text = text[:dot] + text[end:]
         try:
-            dt = datetime.fromisoformat(text)
+            # 3.11's fromisoformat reads 'Z' and any number of fraction digits (truncating
+            # past microseconds); the regex above has already refused what RFC 3339 does not allow.
+            dt = datetime.fromisoformat(
+                value.upper() if value[10] == "t" or value[-1] == "z" else value
+            )
         except ValueError as exc:
             raise ValueError(f"not a valid date or time: {exc}") from None
-        millis = int((frac + "000")[:3]) if frac else 0
-        delta = dt - _EPOCH
-        return (delta.days * 86_400 + delta.seconds) * 1000 + millis
+        return (dt - _EPOCH) // _MS
     raise ValueError("must be an RFC 3339 string or integer epoch milliseconds")
 
 
 def format_ts(ms: int) -> str:
     """Epoch milliseconds -> RFC 3339 UTC with milliseconds and 'Z'."""
     seconds, millis = divmod(ms, 1000)
-    dt = datetime.fromtimestamp(seconds, UTC)
-    return f"{dt:%Y-%m-%dT%H:%M:%S}.{millis:03d}Z"
+    return f"{_format_second(seconds)}.{millis:03d}Z"
+
+
+@lru_cache(maxsize=65_536)
+def _format_second(seconds: int) -> str:
+    # Output times cluster within a stream's last few minutes: the cache turns strftime into a
+    # dict lookup on the replay's hot path.
+    t = _EPOCH + timedelta(seconds=seconds)
+    return f"{t.year:04d}-{t.month:02d}-{t.day:02d}T{t.hour:02d}:{t.minute:02d}:{t.second:02d}"

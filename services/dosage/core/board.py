@@ -80,8 +80,8 @@ class ZoneBoard:
     # -- input -------------------------------------------------------------------------------
 
     def apply(self, event: VisitEvent) -> list[StatusChange]:
-        """One visit event; the clock first moves to its time."""
-        out = self.advance(event.time)
+        """One visit event; the clock first moves to its stream clock."""
+        out = self.advance(max(event.time, event.clock))
         zone = self.zones.get(event.zone_id)
         if zone is None:  # a zone this board does not own (or one deleted meanwhile)
             return out

@@ -35,6 +35,7 @@ class ShiftCalendar:
         self.tz = ZoneInfo(tz)
         self.tz_name = tz
         self.starts = tuple(sorted(starts))
+        self._days: dict[date, tuple[int, ...]] = {}
 
     def boundaries(self, start_ms: int, end_ms: int) -> list[int]:
         """Every boundary b with one at or before start_ms and one after end_ms."""
@@ -43,8 +44,7 @@ class ShiftCalendar:
         out: list[int] = []
         day = first
         while day <= last:
-            for t in self.starts:
-                out.append(self._instant(day, t))
+            out.extend(self._day(day))
             day += timedelta(days=1)
         return sorted(set(out))
 
@@ -54,9 +54,16 @@ class ShiftCalendar:
         i = bisect.bisect_right(bounds, ts_ms) - 1
         return bounds[i], bounds[i + 1]
 
+    def _day(self, day: date) -> tuple[int, ...]:
+        # Live status asks for the current shift on every change: remember each day's instants.
+        cached = self._days.get(day)
+        if cached is None:
+            cached = self._days[day] = tuple(self._instant(day, t) for t in self.starts)
+        return cached
+
     def _instant(self, day: date, t: time) -> int:
-        # A start time that falls in a spring-forward gap begins at the first instant after it
-        # (zoneinfo's fold=0 resolves 02:30 to 03:30 local); a repeated hour takes its first pass.
+        # A start time inside a spring-forward gap is read with the offset before the change
+        # (zoneinfo's fold=0: 02:30 becomes 03:30 local); a repeated hour takes its first pass.
         local = datetime.combine(day, t, tzinfo=self.tz)
         return int(local.astimezone(UTC).timestamp() * 1000)
 

@@ -56,6 +56,7 @@ class VisitEvent:
     last_in: int
     rules: ZoneRules
     end_reason: EndReason | None = None
+    clock: int = 0  # the stream clock when it was emitted: downstream clocks follow it
 
     @property
     def duration_ms(self) -> int:
@@ -202,14 +203,16 @@ class VisitTracker:
         if prev is not None and ts - prev > self._max_gap and unit.open:
             self._close_all(unit, EndReason.SIGNAL_LOST, ts, out)
         index = self.index
-        for zone_id, visit in list(unit.open.items()):
-            inside = here.get(zone_id)
-            where = Where.OUTSIDE if inside is None else Where.INSIDE if inside else Where.NEAR
-            rules = index.rules[index.position[zone_id]]
-            for moment in visit.observe(where, ts, rules, self._confirm):
-                out.append(self._event(_MOMENT_KIND[moment], ts, visit, index))
-            if not visit.is_open:
-                del unit.open[zone_id]
+        rules_by_id = index.rules_by_id
+        if unit.open:
+            for zone_id, visit in list(unit.open.items()):
+                inside = here.get(zone_id)
+                where = Where.OUTSIDE if inside is None else Where.INSIDE if inside else Where.NEAR
+                moments = visit.observe(where, ts, rules_by_id[zone_id], self._confirm)
+                for moment in moments:
+                    out.append(self._event(_MOMENT_KIND[moment], ts, visit, index))
+                if moments and not visit.is_open:
+                    del unit.open[zone_id]
         for zone_id, inside in here.items():
             if inside and zone_id not in unit.open:
                 visit = Visit.open(fix.unit_id, zone_id, ts)
@@ -238,8 +241,7 @@ class VisitTracker:
             out.append(self._event(VisitEventKind.ENDED, at, visit, self.index))
         unit.open.clear()
 
-    @staticmethod
-    def _event(kind: VisitEventKind, at: int, visit: Visit, index: ZoneIndex) -> VisitEvent:
+    def _event(self, kind: VisitEventKind, at: int, visit: Visit, index: ZoneIndex) -> VisitEvent:
         return VisitEvent(
             kind=kind,
             time=at,
@@ -247,6 +249,7 @@ class VisitTracker:
             zone_id=visit.zone_id,
             started_at=visit.started_at,
             last_in=visit.last_in,
-            rules=index.rules[index.position[visit.zone_id]],
+            rules=index.rules_by_id[visit.zone_id],
             end_reason=visit.end_reason,
+            clock=at if self.clock is None else max(at, self.clock),
         )

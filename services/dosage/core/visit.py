@@ -7,23 +7,24 @@ In the style of h11: no I/O, every transition in `_TRANSITIONS`, and anything el
 from __future__ import annotations
 
 from dataclasses import dataclass
-from enum import Enum, StrEnum
+from enum import Enum, IntEnum, StrEnum
 
 from services.dosage.core.params import ZoneRules
 
 
-class Where(Enum):
+# IntEnum: these are hashed once per ping and zone, and int hashing stays in C.
+class Where(IntEnum):
     """Where a usable ping stands relative to one zone."""
 
-    INSIDE = "inside"
-    NEAR = "near"  # outside, but within exit_buffer_m: hysteresis against GPS jitter
-    OUTSIDE = "outside"
+    INSIDE = 0
+    NEAR = 1  # outside, but within exit_buffer_m: hysteresis against GPS jitter
+    OUTSIDE = 2
 
 
-class VisitState(Enum):
-    OPEN = "open"
-    EXIT_PENDING = "exit_pending"  # outside the ring, waiting for exit_confirm_s
-    CLOSED = "closed"
+class VisitState(IntEnum):
+    OPEN = 0
+    EXIT_PENDING = 1  # outside the ring, waiting for exit_confirm_s
+    CLOSED = 2
 
 
 class EndReason(StrEnum):

@@ -1,8 +1,9 @@
 """The zone index: which zones a batch of points is inside of or near.
 
-An STRtree over the zones projected to metres finds every zone within the exit buffer
-(`dwithin`); the exact inside test then runs vectorised on the prepared lon/lat
-geometry, so a point on a zone's boundary as drawn counts as inside.
+An R-tree (shapely's STRtree) over each zone's bounds, grown by the exit buffer, finds the
+candidates for a whole batch at once; exact tests then run vectorised on prepared geometry:
+inside on the zone as drawn in lon/lat (so a point on its boundary counts as inside), near
+as a distance in metres on a local projection.
 """
 
 from __future__ import annotations
@@ -44,14 +45,22 @@ class ZoneIndex:
         self.rules: tuple[ZoneRules, ...] = tuple(
             params.rules_for(z.target_s, z.min_visit_s, z.max_visit_s) for z in zones
         )
+        self.rules_by_id: dict[str, ZoneRules] = dict(zip(ids, self.rules, strict=True))
         self.buffer_m = params.exit_buffer_m
         lonlat = [z.geometry for z in zones]
         self.projection = LocalProjection.centred_on(lonlat)
         self._lonlat = np.asarray(lonlat, dtype=object)
-        self._metric = np.asarray([self.projection.geometry(g) for g in lonlat], dtype=object)
+        self._metric = self.projection.geometries(self._lonlat)
         shapely.prepare(self._lonlat)
         shapely.prepare(self._metric)
-        self._tree = shapely.STRtree(self._metric)
+        # A metre of slack on the buffered bounds: the exact tests decide, never the tree.
+        pad = self.buffer_m + 1.0
+        bounds = shapely.bounds(self._metric).reshape(-1, 4)
+        self._tree = shapely.STRtree(
+            shapely.box(
+                bounds[:, 0] - pad, bounds[:, 1] - pad, bounds[:, 2] + pad, bounds[:, 3] + pad
+            )
+        )
 
     def __len__(self) -> int:
         return len(self.zones)
@@ -63,8 +72,12 @@ class ZoneIndex:
             return Hits(empty, empty, np.empty(0, dtype=np.bool_))
         x, y = self.projection.forward(lon, lat)
         points = shapely.points(x, y)
-        pt, zn = self._tree.query(points, predicate="dwithin", distance=self.buffer_m)
+        pt, zn = self._tree.query(points)
         order = np.lexsort((zn, pt))  # per point, zones in index order: deterministic
         pt, zn = pt[order], zn[order]
         inside = shapely.intersects_xy(self._lonlat[zn], lon[pt], lat[pt])
-        return Hits(pt.astype(np.intp), zn.astype(np.intp), np.asarray(inside, dtype=np.bool_))
+        near = np.zeros_like(inside)
+        out = ~inside
+        near[out] = shapely.dwithin(self._metric[zn[out]], points[pt[out]], self.buffer_m)
+        keep = inside | near
+        return Hits(pt[keep].astype(np.intp), zn[keep].astype(np.intp), inside[keep])

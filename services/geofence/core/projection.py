@@ -35,9 +35,11 @@ class LocalProjection:
         x, y = self._fwd.transform(lon, lat)
         return np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
 
-    def geometry(self, geom: BaseGeometry) -> BaseGeometry:
+    def geometries(self, geoms: npt.NDArray[np.object_]) -> npt.NDArray[np.object_]:
+        """Project a whole array of geometries in one call to PROJ."""
+
         def _apply(coords: FloatArray) -> FloatArray:
             x, y = self.forward(coords[:, 0], coords[:, 1])
             return np.column_stack([x, y])
 
-        return shapely.transform(geom, _apply)
+        return np.asarray(shapely.transform(geoms, _apply), dtype=object)

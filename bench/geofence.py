@@ -1,0 +1,84 @@
+"""Core throughput: the zone index alone, and index plus visit rules, on one core.
+
+.venv/bin/python bench/geofence.py [--points N] [--zones 1000,10000,100000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench._city import patrol, points, save, table, zone_specs
+from services.dosage.core.params import DosageParams
+from services.dosage.core.tracker import Fix, VisitTracker
+from services.geofence.core.index import ZoneIndex
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--points", type=int, default=200_000)
+    parser.add_argument("--zones", default="1000,10000,100000")
+    parser.add_argument("--units", type=int, default=10_000)
+    parser.add_argument("--batch", type=int, default=8192)
+    args = parser.parse_args()
+    params = DosageParams()
+    rows = []
+    for count in (int(z) for z in args.zones.split(",")):
+        zones = zone_specs(count)
+        t0 = time.perf_counter()
+        index = ZoneIndex(zones, params)
+        build_s = time.perf_counter() - t0
+        lon, lat = points(zones, args.points)
+
+        t0 = time.perf_counter()
+        inside = 0
+        for start in range(0, args.points, args.batch):
+            hits = index.classify(lon[start : start + args.batch], lat[start : start + args.batch])
+            inside += int(hits.inside.sum())
+        index_s = time.perf_counter() - t0
+
+        # Index + rules: patrolling units, in time order, as a partition would deliver them.
+        unit_ids, ts, plon, plat = patrol(zones, args.units, max(1, args.points // args.units))
+        fixes = [
+            Fix(u, t, x, y)
+            for u, t, x, y in zip(unit_ids, ts.tolist(), plon.tolist(), plat.tolist(), strict=True)
+        ]
+        tracker = VisitTracker(index, params)
+        t0 = time.perf_counter()
+        events = 0
+        for start in range(0, len(fixes), args.batch):
+            events += len(tracker.process(fixes[start : start + args.batch]))
+        rules_s = time.perf_counter() - t0
+        rows.append(
+            {
+                "zones": count,
+                "points": args.points,
+                "build_s": build_s,
+                "inside_share": inside / args.points,
+                "index_pts_per_s": args.points / index_s,
+                "rules_pts_per_s": len(fixes) / rules_s,
+                "events": events,
+            }
+        )
+    print(
+        table(
+            rows,
+            [
+                ("zones", "zones"),
+                ("build_s", "build s"),
+                ("inside_share", "inside"),
+                ("index_pts_per_s", "index pts/s"),
+                ("rules_pts_per_s", "index+rules pts/s"),
+                ("events", "events"),
+            ],
+        )
+    )
+    print(f"results: {save('geofence', rows)}")
+
+
+if __name__ == "__main__":
+    main()
