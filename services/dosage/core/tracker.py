@@ -220,7 +220,12 @@ class VisitTracker:
                 out.append(self._event(VisitEventKind.STARTED, ts, visit, index))
         unit.last_usable = ts
         if unit.open:
-            heapq.heappush(self._watch, (ts, fix.unit_id))
+            if self.clock - ts > self._max_gap:
+                # A unit already further behind the stream clock than max_gap: the watchdog
+                # holds at once, whether or not another ping moves the clock before its next one.
+                self._close_all(unit, EndReason.SIGNAL_LOST, self.clock, out)
+            else:
+                heapq.heappush(self._watch, (ts, fix.unit_id))
 
     def _watchdog(self, out: list[VisitEvent]) -> None:
         assert self.clock is not None
