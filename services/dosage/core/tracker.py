@@ -11,11 +11,12 @@ import heapq
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import Enum
+from typing import Any
 
 import numpy as np
 
 from services.dosage.core.params import DosageParams, ZoneRules
-from services.dosage.core.visit import EndReason, Moment, Visit, Where
+from services.dosage.core.visit import EndReason, Moment, Visit, VisitState, Where
 from services.geofence.core.index import ZoneIndex
 
 
@@ -107,6 +108,8 @@ class VisitTracker:
         self._max_accuracy = params.max_accuracy_m
         # (last usable ts, unit) for units with open visits; stale entries are skipped lazily.
         self._watch: list[tuple[int, str]] = []
+        # Units whose state changed since the owner last saved it (live services persist these).
+        self.dirty: set[str] = set()
 
     # -- input -------------------------------------------------------------------------------
 
@@ -170,6 +173,7 @@ class VisitTracker:
         for unit_id in sorted(self.units):
             unit = self.units[unit_id]
             for zone_id in sorted(z for z in unit.open if z in gone):
+                self.dirty.add(unit_id)
                 visit = unit.open.pop(zone_id)
                 visit.close(EndReason.ZONE_CHANGED)
                 out.append(self._event(VisitEventKind.ENDED, clock, visit, old))
@@ -185,6 +189,7 @@ class VisitTracker:
         unit = self.units.get(fix.unit_id)
         if unit is None:
             unit = self.units[fix.unit_id] = UnitState()
+        self.dirty.add(fix.unit_id)
         if unit.seen_ts is None or fix.ts >= unit.seen_ts:
             unit.seen_ts, unit.seen_lon, unit.seen_lat = fix.ts, fix.lon, fix.lat
             unit.seen_accuracy_m = fix.accuracy_m
@@ -241,6 +246,7 @@ class VisitTracker:
         self, unit: UnitState, reason: EndReason, at: int, out: list[VisitEvent]
     ) -> None:
         for zone_id in sorted(unit.open):
+            self.dirty.add(unit.open[zone_id].unit_id)
             visit = unit.open[zone_id]
             visit.close(reason)
             out.append(self._event(VisitEventKind.ENDED, at, visit, self.index))
@@ -258,3 +264,51 @@ class VisitTracker:
             end_reason=visit.end_reason,
             clock=at if self.clock is None else max(at, self.clock),
         )
+
+    # -- persistence (live services save this next to their consumer offsets) ----------------
+
+    def export_unit(self, unit_id: str) -> dict[str, Any]:
+        unit = self.units[unit_id]
+        return {
+            "last_usable": unit.last_usable,
+            "seen": [unit.seen_ts, unit.seen_lon, unit.seen_lat, unit.seen_accuracy_m],
+            "open": [
+                [
+                    v.zone_id,
+                    v.started_at,
+                    v.last_in,
+                    v.last_seen,
+                    int(v.state),
+                    v.out_since,
+                    v.target_reported,
+                    v.overstay_reported,
+                ]
+                for v in unit.open.values()
+            ],
+        }
+
+    def restore_unit(self, unit_id: str, data: dict[str, Any]) -> None:
+        unit = UnitState(last_usable=data["last_usable"])
+        unit.seen_ts, unit.seen_lon, unit.seen_lat, unit.seen_accuracy_m = data["seen"]
+        for zone_id, started, last_in, last_seen, state, out_since, tgt, over in data["open"]:
+            unit.open[zone_id] = Visit(
+                unit_id,
+                zone_id,
+                started,
+                last_in,
+                last_seen,
+                VisitState(state),
+                out_since,
+                None,
+                tgt,
+                over,
+            )
+        self.units[unit_id] = unit
+        if unit.open and unit.last_usable is not None:
+            heapq.heappush(self._watch, (unit.last_usable, unit_id))
+
+    def export_meta(self) -> dict[str, Any]:
+        return {"clock": self.clock}
+
+    def restore_meta(self, data: dict[str, Any]) -> None:
+        self.clock = data.get("clock")
