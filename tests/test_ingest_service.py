@@ -1,0 +1,113 @@
+"""Ingest against a real broker: good pings flow, bad ones reach the DLQ, nothing stops it."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+from typing import Any
+
+import httpx
+import orjson
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+
+from services.ingest.service import IngestService, IngestSettings
+
+GOOD = {"unit_id": "car-1", "ts": "2026-05-14T13:00:05-05:00", "lat": 40.7, "lon": -74.0}
+
+
+async def drain(bootstrap: str, topic: str, want: int, timeout_s: float = 20) -> list[Any]:
+    consumer = AIOKafkaConsumer(
+        topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest", fetch_max_wait_ms=5
+    )
+    await consumer.start()
+    out: list[Any] = []
+    try:
+        async with asyncio.timeout(timeout_s):
+            while len(out) < want:
+                for records in (await consumer.getmany(timeout_ms=200)).values():
+                    out.extend(records)
+    finally:
+        await consumer.stop()
+    return out
+
+
+def test_kafka_intake_normalises_and_dead_letters(kafka_bootstrap: str, topic_prefix: str) -> None:
+    settings = IngestSettings(kafka_bootstrap=kafka_bootstrap, topic_prefix=topic_prefix)
+
+    async def scenario() -> None:
+        service = IngestService(settings)
+        await service.start()
+        task = asyncio.create_task(service.run())
+        producer = AIOKafkaProducer(bootstrap_servers=kafka_bootstrap)
+        await producer.start()
+        try:
+            raw = settings.topic_raw
+            await producer.send_and_wait(raw, orjson.dumps(GOOD))
+            await producer.send_and_wait(raw, b"\xff not json")  # poison
+            await producer.send_and_wait(
+                raw, orjson.dumps([GOOD | {"ts": 1778781610000}, GOOD | {"lat": 91}])
+            )
+            await producer.send_and_wait(raw, orjson.dumps(GOOD | {"ts": 1778781620000}))
+            pings = await drain(kafka_bootstrap, settings.topic_pings, 3)
+            dead = await drain(kafka_bootstrap, settings.topic_dlq, 2)
+        finally:
+            await producer.stop()
+            task.cancel()
+            await service.stop()
+        values = [orjson.loads(r.value) for r in pings]
+        assert [v["ts"] for v in values] == [
+            "2026-05-14T18:00:05.000Z",
+            "2026-05-14T18:00:10.000Z",
+            "2026-05-14T18:00:20.000Z",
+        ]
+        assert {r.key for r in pings} == {b"car-1"}
+        assert len({r.partition for r in pings}) == 1  # one unit, one partition, in order
+        letters = [orjson.loads(r.value) for r in dead]
+        assert letters[0]["errors"][0]["reason"].startswith("invalid JSON")
+        assert base64.b64decode(letters[0]["original_b64"]) == b"\xff not json"
+        assert letters[0]["source"]["topic"] == raw and letters[0]["source"]["offset"] == 1
+        assert letters[1]["index"] == 1 and letters[1]["errors"][0]["field"] == "lat"
+
+    asyncio.run(scenario())
+
+
+def test_http_intake_and_osmand(kafka_bootstrap: str, topic_prefix: str) -> None:
+    settings = IngestSettings(kafka_bootstrap=kafka_bootstrap, topic_prefix=topic_prefix)
+
+    async def scenario() -> None:
+        service = IngestService(settings)
+        await service.start()
+        base = f"http://127.0.0.1:{service.http.port}"
+        try:
+            async with httpx.AsyncClient(base_url=base) as client:
+                assert (await client.get("/readyz")).status_code == 200
+                r = await client.post(
+                    "/v1/pings", content=orjson.dumps([GOOD, GOOD | {"lon": 200}])
+                )
+                assert r.status_code == 200
+                assert r.json()["accepted"] == 1
+                assert r.json()["rejected"][0]["errors"][0]["field"] == "lon"
+                assert (await client.post("/v1/pings", content=b"{")).status_code == 400
+                r = await client.post("/v1/pings", content=orjson.dumps({"unit_id": "x"}))
+                assert r.status_code == 422
+                r = await client.get(
+                    "/osmand",
+                    params={"id": "car-9", "lat": "40.71", "lon": "-74.01",
+                            "timestamp": "1778781605", "speed": "10", "bearing": "90",
+                            "accuracy": "8", "batt": "77"},
+                )  # fmt: skip
+                assert r.status_code == 200 and r.json()["accepted"] == 1
+                r = await client.get("/osmand", params={"id": "car-9", "lat": "north"})
+                assert r.status_code == 422
+                metrics = (await client.get("/metrics")).text
+                assert 'dosewatch_pings_rejected_total{reason="lon",service="ingest"}' in metrics
+            pings = await drain(kafka_bootstrap, settings.topic_pings, 2)
+            dead = await drain(kafka_bootstrap, settings.topic_dlq, 3)
+        finally:
+            await service.stop()
+        osmand = [orjson.loads(r.value) for r in pings if r.key == b"car-9"][0]
+        assert osmand["ts"] == "2026-05-14T18:00:05.000Z"
+        assert abs(osmand["speed_mps"] - 5.14444) < 1e-6 and osmand["source"] == "osmand"
+        assert len(dead) == 3
+
+    asyncio.run(scenario())
