@@ -91,6 +91,9 @@ class CloudEvent(_Strict):
     subject: str = Field(description="the zone id")
     datacontenttype: Literal["application/json"] = "application/json"
     data: dict[str, Any]
+    streamclock: AwareDatetime | None = Field(
+        None, description="extension: the emitting stream's clock (visit events)"
+    )
 
 
 class RejectedPing(_Strict):

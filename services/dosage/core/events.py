@@ -9,10 +9,12 @@ from __future__ import annotations
 import hashlib
 from typing import Any
 
-from schemas.timefmt import format_ts
+from schemas.timefmt import format_ts, parse_ts
 from services.dosage.core.board import StatusChange, ZoneSnapshot
+from services.dosage.core.params import ZoneRules
 from services.dosage.core.periods import ZonePeriod
 from services.dosage.core.tracker import VisitEvent, VisitEventKind
+from services.dosage.core.visit import EndReason
 
 SPEC_VERSION = "1.0"
 VISIT_TYPES = {
@@ -88,8 +90,31 @@ def visit_cloudevent(e: VisitEvent, source: str) -> dict[str, Any]:
             "max_visit_s": seconds(e.rules.max_visit_ms),
         }
     kind = VISIT_TYPES[e.kind]
-    return _envelope(
+    doc = _envelope(
         kind, event_id(kind, e.unit_id, e.zone_id, e.started_at), source, e.time, e.zone_id, data
+    )
+    doc["streamclock"] = format_ts(e.clock)  # CloudEvents extension: downstream clocks follow
+    return doc
+
+
+_KIND_OF_TYPE = {v: k for k, v in VISIT_TYPES.items()}
+
+
+def visit_event_from_cloudevent(doc: dict[str, Any], rules: ZoneRules) -> VisitEvent:
+    """The inverse of `visit_cloudevent`, for the dosage service's input."""
+    data = doc["data"]
+    kind = _KIND_OF_TYPE[doc["type"]]
+    last_in = data["ended_at"] if kind is VisitEventKind.ENDED else data["last_in"]
+    return VisitEvent(
+        kind=kind,
+        time=parse_ts(doc["time"]),
+        unit_id=data["unit_id"],
+        zone_id=data["zone_id"],
+        started_at=parse_ts(data["started_at"]),
+        last_in=parse_ts(last_in),
+        rules=rules,
+        end_reason=EndReason(data["end_reason"]) if kind is VisitEventKind.ENDED else None,
+        clock=parse_ts(doc.get("streamclock", doc["time"])),
     )
 
 

@@ -1,0 +1,238 @@
+"""A consumer-group member whose per-partition state is saved with its offsets.
+
+The commit order (after quix-streams): process a batch -> produce its outputs and wait for the
+acks -> save state and next offsets in ONE PostgreSQL transaction. A crash anywhere repeats
+work from the last saved offsets with the state saved alongside them; the core is
+deterministic, so the repeats are identical records with identical event ids.
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import logging
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import asyncpg
+import orjson
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
+
+from services.common import db, kafka
+from services.common.metrics import CONSUMER_LAG, DB_RETRIES
+from services.common.settings import CommonSettings
+
+log = logging.getLogger(__name__)
+
+
+class _Listener(kafka.ConsumerRebalanceListener):  # type: ignore[misc]
+    def __init__(self, owner: StatefulService) -> None:
+        self.owner = owner
+
+    async def on_partitions_revoked(self, revoked: Sequence[TopicPartition]) -> None:
+        # State is saved at every batch boundary, and the loop calls getmany between
+        # batches, so there is nothing in flight to flush here.
+        for tp in revoked:
+            self.owner.partitions.pop(tp.partition, None)
+            self.owner.drop_partition(tp.partition)
+        log.info("partitions revoked", extra={"partitions": [tp.partition for tp in revoked]})
+
+    async def on_partitions_assigned(self, assigned: Sequence[TopicPartition]) -> None:
+        await self.owner.assign([tp.partition for tp in assigned])
+
+
+class StatefulService(abc.ABC):
+    name: str
+
+    def __init__(self, settings: CommonSettings, topic: str, group_id: str, wall_clock: bool,
+                 tick_s: float) -> None:  # fmt: skip
+        self.settings = settings
+        self.topic = topic
+        self.group_id = group_id
+        self.wall_clock = wall_clock
+        self.tick_s = tick_s
+        self.pool: asyncpg.Pool | None = None
+        self.consumer: AIOKafkaConsumer | None = None
+        self.producer: AIOKafkaProducer | None = None
+        self.out: kafka.BatchProducer | None = None
+        # partition -> (newest event ts, monotonic time it arrived): the live clock's parts
+        self.partitions: dict[int, tuple[int | None, float]] = {}
+        self.ready = False
+
+    # -- what a service supplies -------------------------------------------------------------
+
+    @abc.abstractmethod
+    def restore_partition(self, partition: int, rows: dict[str, Any]) -> None: ...
+
+    @abc.abstractmethod
+    def drop_partition(self, partition: int) -> None: ...
+
+    @abc.abstractmethod
+    def process(
+        self, partition: int, records: list[ConsumerRecord]
+    ) -> tuple[list[Any], int | None]:
+        """Apply records; return outputs and the newest event time seen (ms)."""
+
+    @abc.abstractmethod
+    def tick(self, partition: int, clock: int) -> list[Any]: ...
+
+    @abc.abstractmethod
+    def dirty_state(self, partition: int) -> dict[str, Any]:
+        """Keys changed since the last save -> their new value (None deletes the key)."""
+
+    @abc.abstractmethod
+    async def publish(self, outputs: list[Any]) -> None: ...
+
+    async def write(self, conn: asyncpg.Connection, outputs: list[Any]) -> None:
+        """Rows that go with the state (history, audit); same transaction. None by default."""
+        return None
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    async def open_database(self) -> None:
+        s = self.settings
+        url = s.database_url.get_secret_value()
+        await db.retrying(lambda: db.ensure_database(url), "ensure database")
+        pool = await db.retrying(
+            lambda: asyncpg.create_pool(url, min_size=1, max_size=4), "connect"
+        )
+        self.pool = pool
+        async with pool.acquire() as conn:
+            await db.migrate(conn)
+
+    async def start_kafka(self) -> None:
+        """After everything a partition's state needs is loaded: the group may assign
+        partitions as soon as the consumer starts."""
+        s = self.settings
+        self.producer = kafka.producer(s)
+        await self.producer.start()
+        self.out = kafka.BatchProducer(self.producer)
+        self.consumer = kafka.consumer(s, self.group_id)
+        self.consumer.subscribe([self.topic], listener=_Listener(self))
+        await self.consumer.start()
+
+    async def stop_clients(self) -> None:
+        self.ready = False
+        if self.consumer is not None:
+            await self.consumer.stop()
+        if self.producer is not None:
+            await self.producer.stop()
+        if self.pool is not None:
+            await self.pool.close()
+
+    async def assign(self, partitions: list[int]) -> None:
+        assert self.pool is not None and self.consumer is not None
+        pool = self.pool
+
+        async def load() -> dict[int, tuple[int | None, dict[str, Any]]]:
+            async with pool.acquire() as conn:
+                out: dict[int, tuple[int | None, dict[str, Any]]] = {}
+                for p in partitions:
+                    offset = await conn.fetchval(
+                        "SELECT next_offset FROM consumer_offsets "
+                        "WHERE consumer = $1 AND topic = $2 AND partition = $3",
+                        self.name, self.topic, p,
+                    )  # fmt: skip
+                    rows = await conn.fetch(
+                        "SELECT key, value::text AS value FROM partition_state "
+                        "WHERE consumer = $1 AND topic = $2 AND partition = $3",
+                        self.name, self.topic, p,
+                    )  # fmt: skip
+                    out[p] = (offset, {r["key"]: orjson.loads(r["value"]) for r in rows})
+                return out
+
+        loaded = await db.retrying(load, "load state", on_retry=self._retried)
+        for p, (offset, rows) in loaded.items():
+            self.restore_partition(p, rows)
+            self.partitions[p] = (None, time.monotonic())
+            tp = TopicPartition(self.topic, p)
+            if offset is None:
+                await self.consumer.seek_to_beginning(tp)
+            else:
+                self.consumer.seek(tp, offset)
+        log.info("partitions assigned", extra={"partitions": partitions})
+
+    async def run(self) -> None:
+        assert self.consumer is not None
+        consumer = self.consumer
+        next_tick = time.monotonic() + self.tick_s
+        while True:
+            batches = await consumer.getmany(timeout_ms=max(1, int(self.tick_s * 1000)))
+            outputs: list[Any] = []
+            offsets: dict[int, int] = {}
+            now = time.monotonic()
+            for tp, records in batches.items():
+                if tp.partition not in self.partitions:
+                    continue  # revoked while fetching
+                out, newest = self.process(tp.partition, records)
+                outputs.extend(out)
+                offsets[tp.partition] = records[-1].offset + 1
+                old, _seen = self.partitions[tp.partition]
+                if newest is not None and (old is None or newest > old):
+                    old = newest
+                self.partitions[tp.partition] = (old, now)
+                hw = consumer.highwater(tp)
+                if hw is not None:
+                    CONSUMER_LAG.labels(self.name, str(tp.partition)).set(
+                        hw - offsets[tp.partition]
+                    )
+            if self.wall_clock and now >= next_tick:
+                next_tick = now + self.tick_s
+                for p, (newest, seen_at) in self.partitions.items():
+                    if newest is not None:
+                        outputs.extend(self.tick(p, newest + int((now - seen_at) * 1000)))
+            if not outputs and not offsets:
+                continue
+            await self.publish(outputs)
+            await self.save(outputs, offsets)
+
+    async def save(self, outputs: list[Any], offsets: dict[int, int]) -> None:
+        assert self.pool is not None
+        pool = self.pool
+        state = {p: self.dirty_state(p) for p in list(self.partitions)}
+
+        async def tx() -> None:
+            async with pool.acquire() as conn, conn.transaction():
+                await self.write(conn, outputs)
+                upserts = [
+                    (self.name, self.topic, p, key, orjson.dumps(value).decode())
+                    for p, rows in state.items()
+                    for key, value in rows.items()
+                    if value is not None
+                ]
+                deletes = [
+                    (self.name, self.topic, p, key)
+                    for p, rows in state.items()
+                    for key, value in rows.items()
+                    if value is None
+                ]
+                if upserts:
+                    await conn.executemany(
+                        "INSERT INTO partition_state (consumer, topic, partition, key, value) "
+                        "VALUES ($1, $2, $3, $4, $5::jsonb) ON CONFLICT "
+                        "(consumer, topic, partition, key) DO UPDATE SET value = EXCLUDED.value",
+                        upserts,
+                    )
+                if deletes:
+                    await conn.executemany(
+                        "DELETE FROM partition_state WHERE consumer = $1 AND topic = $2 "
+                        "AND partition = $3 AND key = $4",
+                        deletes,
+                    )
+                if offsets:
+                    await conn.executemany(
+                        "INSERT INTO consumer_offsets (consumer, topic, partition, next_offset) "
+                        "VALUES ($1, $2, $3, $4) ON CONFLICT (consumer, topic, partition) "
+                        "DO UPDATE SET next_offset = EXCLUDED.next_offset",
+                        [(self.name, self.topic, p, o) for p, o in offsets.items()],
+                    )
+
+        await db.retrying(tx, "save state", self.settings.db_retry_max_s, self._retried)
+
+    def _retried(self) -> None:
+        DB_RETRIES.labels(self.name).inc()
+
+
+async def wait_forever() -> None:
+    await asyncio.Event().wait()

@@ -1,0 +1,210 @@
+"""The geofence service: pings (keyed by unit) -> visit events (keyed by zone).
+
+Each assigned partition has its own tracker and stream clock: the newest ping time on that
+partition plus the wall time since it last delivered, so a dark MDT's visit closes while a
+fast backfill does not close visits early.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+import asyncpg
+import orjson
+from aiokafka import ConsumerRecord
+
+from schemas.timefmt import format_ts, parse_ts
+from services.common import kafka
+from services.common.http import HttpServer, probe_app
+from services.common.metrics import EVENTS_OUT, LATENCY, OPEN_VISITS, PINGS_IN
+from services.common.runner import run_service
+from services.common.settings import CommonSettings
+from services.common.stateful import StatefulService
+from services.common.zonestore import CHANNEL, load_zones
+from services.dosage.core.events import event_id, visit_cloudevent
+from services.dosage.core.tracker import Fix, VisitEvent, VisitTracker
+from services.geofence.core.index import ZoneIndex
+
+log = logging.getLogger(__name__)
+META = ""  # the partition's own state row
+
+
+class GeofenceSettings(CommonSettings):
+    group_id: str = "dosewatch-geofence"
+    wall_clock: bool = True
+    tick_s: float = 0.5
+    source: str = "urn:dosewatch:geofence"
+
+
+class GeofenceService(StatefulService):
+    name = "geofence"
+
+    def __init__(self, settings: GeofenceSettings) -> None:
+        super().__init__(settings, settings.topic_pings, settings.group_id, settings.wall_clock,
+                         settings.tick_s)  # fmt: skip
+        self.gsettings = settings
+        self.index = ZoneIndex([], settings.dosage)
+        self.versions: dict[str, int] = {}
+        self.trackers: dict[int, VisitTracker] = {}
+        self._zones_changed = asyncio.Event()
+        self._listen_conn: asyncpg.Connection | None = None
+        self.http = HttpServer(probe_app(self.name, lambda: self.ready), settings.http_host,
+                               settings.http_port)  # fmt: skip
+
+    async def start(self) -> None:
+        s = self.gsettings
+        await kafka.ensure_topics(s, {s.topic_pings: {}, s.topic_visits: {}})
+        await self.open_database()
+        assert self.pool is not None
+        await self._load_zones()
+        await self.start_kafka()
+        self._listen_conn = await self.pool.acquire()
+        await self._listen_conn.add_listener(CHANNEL, self._on_notify)
+        await self.http.start()
+        self.ready = True
+        log.info("geofence ready", extra={"zones": len(self.index), "http_port": self.http.port})
+
+    async def stop(self) -> None:
+        self.ready = False
+        await self.http.stop()
+        if self._listen_conn is not None and self.pool is not None:
+            await self._listen_conn.remove_listener(CHANNEL, self._on_notify)
+            await self.pool.release(self._listen_conn)
+        await self.stop_clients()
+
+    async def run(self) -> None:
+        watcher = asyncio.create_task(self._follow_zones())
+        try:
+            await super().run()
+        finally:
+            watcher.cancel()
+
+    # -- zones -------------------------------------------------------------------------------
+
+    def _on_notify(self, *_: object) -> None:
+        self._zones_changed.set()
+
+    async def _load_zones(self) -> list[dict[str, Any]]:
+        assert self.pool is not None
+        async with self.pool.acquire() as conn:
+            stored = await load_zones(conn)
+        # Built off the loop: ping processing carries on with the old index meanwhile.
+        index = await asyncio.to_thread(ZoneIndex, [z.spec for z in stored], self.settings.dosage)
+        changed = [
+            {"zone_id": z.spec.zone_id, "version": z.version, "change": "updated"
+             if z.spec.zone_id in self.versions else "created"}
+            for z in stored if self.versions.get(z.spec.zone_id) != z.version
+        ]  # fmt: skip
+        live = {z.spec.zone_id for z in stored}
+        changed += [
+            {"zone_id": zid, "version": v + 1, "change": "deleted"}
+            for zid, v in self.versions.items()
+            if zid not in live
+        ]
+        self.versions = {z.spec.zone_id: z.version for z in stored}
+        self.index = index
+        return changed
+
+    async def _follow_zones(self) -> None:
+        while True:
+            await self._zones_changed.wait()
+            self._zones_changed.clear()
+            changed = await self._load_zones()
+            events: list[VisitEvent] = []
+            for tracker in self.trackers.values():
+                events.extend(tracker.replace_index(self.index))
+            outputs: list[Any] = [visit_cloudevent(e, self.gsettings.source) for e in events]
+            outputs += [self._zone_changed(c) for c in changed]
+            log.info("zones reloaded", extra={"zones": len(self.index), "changed": len(changed)})
+            await self.publish(outputs)
+            await self.save(outputs, {})
+
+    def _zone_changed(self, change: dict[str, Any]) -> dict[str, Any]:
+        zid = change["zone_id"]
+        data: dict[str, Any] = dict(change)
+        if zid in self.index.position:
+            rules = self.index.rules_by_id[zid]
+            data |= {"target_s": rules.target_ms / 1000, "min_visit_s": rules.min_visit_ms / 1000,
+                     "max_visit_s": rules.max_visit_ms / 1000}  # fmt: skip
+        now = int(time.time() * 1000)
+        return {
+            "specversion": "1.0",
+            "id": event_id("dosewatch.zone.changed", zid, change["version"], change["change"]),
+            "source": self.gsettings.source,
+            "type": "dosewatch.zone.changed",
+            "time": format_ts(now),
+            "subject": zid,
+            "datacontenttype": "application/json",
+            "data": data,
+        }
+
+    # -- partitions --------------------------------------------------------------------------
+
+    def restore_partition(self, partition: int, rows: dict[str, Any]) -> None:
+        tracker = VisitTracker(self.index, self.settings.dosage)
+        for key, value in rows.items():
+            if key == META:
+                tracker.restore_meta(value)
+            else:
+                tracker.restore_unit(key, value)
+        self.trackers[partition] = tracker
+
+    def drop_partition(self, partition: int) -> None:
+        self.trackers.pop(partition, None)
+
+    def process(
+        self, partition: int, records: list[ConsumerRecord]
+    ) -> tuple[list[Any], int | None]:
+        tracker = self.trackers[partition]
+        fixes: list[Fix] = []
+        for record in records:
+            try:
+                d = orjson.loads(record.value)
+                fixes.append(
+                    Fix(d["unit_id"], parse_ts(d["ts"]), d["lon"], d["lat"], d.get("accuracy_m"))
+                )
+            except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
+                # Ingest validated it; a record that still fails was not written by ingest.
+                log.error("unreadable ping skipped", extra={"partition": partition,
+                                                            "offset": record.offset})  # fmt: skip
+        PINGS_IN.labels(self.name, "kafka").inc(len(fixes))
+        events = tracker.process(fixes)
+        if fixes:
+            now = time.time()
+            LATENCY.labels(self.name).observe(max(0.0, now - fixes[-1].ts / 1000))
+        newest = max((f.ts for f in fixes), default=None)
+        return [visit_cloudevent(e, self.gsettings.source) for e in events], newest
+
+    def tick(self, partition: int, clock: int) -> list[Any]:
+        events = self.trackers[partition].advance(clock)
+        return [visit_cloudevent(e, self.gsettings.source) for e in events]
+
+    def dirty_state(self, partition: int) -> dict[str, Any]:
+        tracker = self.trackers.get(partition)
+        if tracker is None:
+            return {}
+        rows: dict[str, Any] = {u: tracker.export_unit(u) for u in tracker.dirty}
+        tracker.dirty.clear()
+        rows[META] = tracker.export_meta()
+        OPEN_VISITS.labels(self.name).set(
+            sum(len(u.open) for t in self.trackers.values() for u in t.units.values())
+        )
+        return rows
+
+    async def publish(self, outputs: list[Any]) -> None:
+        if not outputs:
+            return
+        assert self.out is not None
+        topic = self.gsettings.topic_visits
+        await self.out.send(topic, ((o["subject"].encode(), orjson.dumps(o)) for o in outputs))
+        EVENTS_OUT.labels(self.name, topic).inc(len(outputs))
+
+
+async def main(settings: GeofenceSettings | None = None) -> None:
+    await run_service(GeofenceService(settings or GeofenceSettings()))
+
+
+__all__ = ["GeofenceService", "GeofenceSettings", "main"]
