@@ -12,6 +12,7 @@ import heapq
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
+from typing import Any
 
 from services.dosage.core.params import DosageParams, ZoneRules
 from services.dosage.core.periods import ShiftCalendar, ZonePeriod, merge_intervals, zone_periods
@@ -76,6 +77,8 @@ class ZoneBoard:
         self.zones: dict[str, ZoneLive] = {zid: ZoneLive(zid, r) for zid, r in zones.items()}
         self._revisit = params.revisit_ms
         self._deadlines: list[tuple[int, str, int]] = []
+        # Zones whose state changed since the owner last saved it.
+        self.dirty: set[str] = set()
 
     # -- input -------------------------------------------------------------------------------
 
@@ -180,6 +183,7 @@ class ZoneBoard:
         return None
 
     def _refresh(self, zone: ZoneLive, now: int, out: list[StatusChange]) -> None:
+        self.dirty.add(zone.zone_id)
         status = self._status(zone, now)
         if status is not zone.status:
             previous, zone.status = zone.status, status
@@ -206,3 +210,34 @@ class ZoneBoard:
         """Never before the board's clock: a lagging unit's event is applied as of now."""
         clock = self.clock if self.clock is not None else 0
         return clock if at is None else max(at, clock)
+
+    # -- persistence (the dosage service saves this next to its consumer offsets) ------------
+
+    def export_zone(self, zone_id: str) -> dict[str, Any]:
+        z = self.zones[zone_id]
+        return {
+            "present": z.present,
+            "occupied_since": z.occupied_since,
+            "qualified": z.qualified,
+            "last_dosed_end": z.last_dosed_end,
+            "status": str(z.status),
+        }
+
+    def restore_zone(self, zone_id: str, data: dict[str, Any]) -> None:
+        zone = self.zones.get(zone_id)
+        if zone is None:
+            return  # deleted since it was saved
+        zone.present = dict(data["present"])
+        zone.occupied_since = data["occupied_since"]
+        zone.qualified = [(s, e) for s, e in data["qualified"]]
+        zone.last_dosed_end = data["last_dosed_end"]
+        zone.status = ZoneStatusKind(data["status"])
+        deadline = self._next_change(zone, self._now(None))
+        if deadline is not None:
+            heapq.heappush(self._deadlines, (deadline, zone_id, zone.generation))
+
+    def export_meta(self) -> dict[str, Any]:
+        return {"clock": self.clock}
+
+    def restore_meta(self, data: dict[str, Any]) -> None:
+        self.clock = data.get("clock")

@@ -1,0 +1,65 @@
+"""Zone periods kept current in PostgreSQL as visits close, through the same pure rules."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+import asyncpg
+
+from services.dosage.core.periods import ShiftCalendar, merge_intervals, zone_periods
+
+
+def _dt(ms: int) -> datetime:
+    return datetime.fromtimestamp(ms / 1000, UTC)
+
+
+def _ms(dt: datetime) -> int:
+    return round(dt.timestamp() * 1000)
+
+
+async def refresh_zone_periods(
+    conn: asyncpg.Connection,
+    zone_id: str,
+    start_ms: int,
+    end_ms: int,
+    target_ms: int,
+    calendar: ShiftCalendar,
+) -> None:
+    """Recompute the rows of the shifts a new qualified visit [start, end] touches.
+
+    A row depends on whole presence periods (their starts and full lengths), so the window
+    grows until no chain of touching visits crosses its edges."""
+    shift_lo = calendar.shift_of(start_ms)[0]
+    shift_hi = calendar.shift_of(end_ms)[1]
+    lo, hi = shift_lo, shift_hi
+    while True:
+        rows = await conn.fetch(
+            "SELECT started_at, ended_at FROM visits WHERE zone_id = $1 AND qualified "
+            "AND ended_at >= $2 AND started_at <= $3",
+            zone_id, _dt(lo), _dt(hi),
+        )  # fmt: skip
+        intervals = [(_ms(r["started_at"]), _ms(r["ended_at"])) for r in rows]
+        merged = merge_intervals(intervals)
+        new_lo = min([lo, *(s for s, _ in merged)])
+        new_hi = max([hi, *(e for _, e in merged)])
+        if (new_lo, new_hi) == (lo, hi):
+            break
+        lo, hi = new_lo, new_hi
+    periods = [
+        p
+        for p in zone_periods(zone_id, intervals, target_ms, calendar)
+        if shift_lo <= p.period_start < shift_hi
+    ]
+    await conn.execute(
+        "DELETE FROM zone_periods WHERE zone_id = $1 AND period_start >= $2 AND period_start < $3",
+        zone_id, _dt(shift_lo), _dt(shift_hi),
+    )  # fmt: skip
+    await conn.executemany(
+        "INSERT INTO zone_periods (zone_id, period_start, period_end, presence_s, officer_s, "
+        "visits, dosed_visits) VALUES ($1, $2, $3, $4, $5, $6, $7)",
+        [
+            (p.zone_id, _dt(p.period_start), _dt(p.period_end), p.presence_ms / 1000,
+             p.officer_ms / 1000, p.visits, p.dosed_visits)
+            for p in periods
+        ],
+    )  # fmt: skip

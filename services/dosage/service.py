@@ -1,0 +1,228 @@
+"""The dosage service: visit events (keyed by zone) -> zone status, history and audit.
+
+Per partition a zone board follows the partition's stream clock (the emitting geofence's
+clock, plus wall time since the last record), so `met`, `overstay` and `due` appear on time
+even when no ping arrives.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import asyncpg
+import orjson
+from aiokafka import ConsumerRecord
+
+from schemas.timefmt import parse_ts
+from services.common import kafka
+from services.common.http import HttpServer, probe_app
+from services.common.metrics import EVENTS_OUT, LATENCY
+from services.common.runner import run_service
+from services.common.settings import CommonSettings
+from services.common.stateful import StatefulService
+from services.common.zonestore import load_zones
+from services.dosage.core.board import StatusChange, ZoneBoard
+from services.dosage.core.events import (
+    VISIT_TYPES,
+    status_cloudevent,
+    status_row,
+    visit_event_from_cloudevent,
+)
+from services.dosage.core.params import ZoneRules
+from services.dosage.core.periods import ShiftCalendar, parse_shift_starts
+from services.dosage.core.tracker import VisitEventKind
+from services.dosage.periodstore import refresh_zone_periods
+
+log = logging.getLogger(__name__)
+META = ""
+_VISIT_TYPES = set(VISIT_TYPES.values())
+ZONE_CHANGED = "dosewatch.zone.changed"
+
+
+class DosageSettings(CommonSettings):
+    group_id: str = "dosewatch-dosage"
+    wall_clock: bool = True
+    tick_s: float = 0.5
+    source: str = "urn:dosewatch:dosage"
+
+
+@dataclass(frozen=True, slots=True)
+class Output:
+    audit: dict[str, Any] | None = None  # a CloudEvent for dosage.audit and the audit log
+    status: dict[str, Any] | None = None  # a zone status for the compacted topic
+    visit: dict[str, Any] | None = None  # a closed visit row for the history table
+    rules: ZoneRules | None = None
+
+
+class DosageService(StatefulService):
+    name = "dosage"
+
+    def __init__(self, settings: DosageSettings) -> None:
+        super().__init__(settings, settings.topic_visits, settings.group_id, settings.wall_clock,
+                         settings.tick_s)  # fmt: skip
+        self.dsettings = settings
+        self.calendar = ShiftCalendar(settings.tz, parse_shift_starts(settings.shifts))
+        self.rules: dict[str, ZoneRules] = {}
+        self.boards: dict[int, ZoneBoard] = {}
+        self.http = HttpServer(probe_app(self.name, lambda: self.ready), settings.http_host,
+                               settings.http_port)  # fmt: skip
+
+    async def start(self) -> None:
+        s = self.dsettings
+        await kafka.ensure_topics(
+            s, {s.topic_visits: {}, s.topic_status: kafka.COMPACTED, s.topic_audit: {}}
+        )
+        await self.open_database()
+        assert self.pool is not None
+        async with self.pool.acquire() as conn:
+            for z in await load_zones(conn):
+                self.rules[z.spec.zone_id] = s.dosage.rules_for(
+                    z.spec.target_s, z.spec.min_visit_s, z.spec.max_visit_s
+                )
+        await self.start_kafka()
+        await self.http.start()
+        self.ready = True
+        log.info("dosage ready", extra={"zones": len(self.rules), "http_port": self.http.port})
+
+    async def stop(self) -> None:
+        self.ready = False
+        await self.http.stop()
+        await self.stop_clients()
+
+    # -- partitions --------------------------------------------------------------------------
+
+    def restore_partition(self, partition: int, rows: dict[str, Any]) -> None:
+        board = ZoneBoard(dict(self.rules), self.settings.dosage, self.calendar)
+        board.restore_meta(rows.get(META, {}))
+        for key, value in rows.items():
+            if key != META:
+                board.restore_zone(key, value)
+        board.dirty.clear()
+        self.boards[partition] = board
+
+    def drop_partition(self, partition: int) -> None:
+        self.boards.pop(partition, None)
+
+    def process(
+        self, partition: int, records: list[ConsumerRecord]
+    ) -> tuple[list[Any], int | None]:
+        board = self.boards[partition]
+        out: list[Output] = []
+        newest: int | None = None
+        for record in records:
+            try:
+                doc = orjson.loads(record.value)
+                kind = doc["type"]
+            except (orjson.JSONDecodeError, KeyError, TypeError):
+                log.error("unreadable visit event skipped",
+                          extra={"partition": partition, "offset": record.offset})  # fmt: skip
+                continue
+            if kind == ZONE_CHANGED:
+                self._zone_changed(doc)
+                out.append(Output(audit=doc))
+                continue
+            if kind not in _VISIT_TYPES:
+                continue
+            zone_id = doc["subject"]
+            rules = self.rules.get(zone_id) or self.settings.dosage.rules_for()
+            event = visit_event_from_cloudevent(doc, rules)
+            newest = event.clock if newest is None else max(newest, event.clock)
+            out.append(Output(audit=doc))
+            if event.kind is VisitEventKind.ENDED:
+                out.append(Output(visit=doc["data"], rules=rules))
+            out.extend(self._changes(board.advance(event.clock) + board.apply(event)))
+        if newest is not None:
+            LATENCY.labels(self.name).observe(max(0.0, time.time() - newest / 1000))
+        return out, newest
+
+    def tick(self, partition: int, clock: int) -> list[Any]:
+        return self._changes(self.boards[partition].advance(clock))
+
+    def _changes(self, changes: list[StatusChange]) -> list[Output]:
+        source = self.dsettings.source
+        return [
+            Output(audit=status_cloudevent(c, source), status=status_row(c.snapshot))
+            for c in changes
+        ]
+
+    def _zone_changed(self, doc: dict[str, Any]) -> None:
+        data = doc["data"]
+        zone_id = data["zone_id"]
+        if data.get("change") == "deleted":
+            self.rules.pop(zone_id, None)
+            for board in self.boards.values():
+                board.remove_zone(zone_id)
+            return
+        defaults = self.settings.dosage
+        rules = defaults.rules_for(data.get("target_s"), data.get("min_visit_s"),
+                                   data.get("max_visit_s"))  # fmt: skip
+        self.rules[zone_id] = rules
+        for board in self.boards.values():
+            board.upsert_zone(zone_id, rules)
+
+    def dirty_state(self, partition: int) -> dict[str, Any]:
+        board = self.boards.get(partition)
+        if board is None:
+            return {}
+        rows: dict[str, Any] = {z: board.export_zone(z) for z in board.dirty if z in board.zones}
+        board.dirty.clear()
+        rows[META] = board.export_meta()
+        return rows
+
+    # -- outputs -----------------------------------------------------------------------------
+
+    async def publish(self, outputs: list[Any]) -> None:
+        assert self.out is not None
+        s = self.dsettings
+        statuses = [(o.status["zone_id"].encode(), orjson.dumps(o.status))
+                    for o in outputs if o.status is not None]  # fmt: skip
+        audits = [(o.audit["subject"].encode(), orjson.dumps(o.audit))
+                  for o in outputs if o.audit is not None]  # fmt: skip
+        if statuses:
+            await self.out.send(s.topic_status, statuses)
+            EVENTS_OUT.labels(self.name, s.topic_status).inc(len(statuses))
+        if audits:
+            await self.out.send(s.topic_audit, audits)
+            EVENTS_OUT.labels(self.name, s.topic_audit).inc(len(audits))
+
+    async def write(self, conn: asyncpg.Connection, outputs: list[Any]) -> None:
+        audits = [o.audit for o in outputs if o.audit is not None]
+        if audits:
+            await conn.executemany(
+                "INSERT INTO audit_log (event_id, type, subject, time, event) "
+                "VALUES ($1, $2, $3, $4, $5::jsonb) ON CONFLICT (event_id) DO NOTHING",
+                [(a["id"], a["type"], a["subject"], _dt(a["time"]), orjson.dumps(a).decode())
+                 for a in audits],
+            )  # fmt: skip
+        visits = [(o.visit, o.rules) for o in outputs if o.visit is not None]
+        if not visits:
+            return
+        await conn.executemany(
+            "INSERT INTO visits (unit_id, zone_id, started_at, ended_at, duration_s, end_reason, "
+            "qualified, target_met, overstay) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) "
+            "ON CONFLICT (unit_id, zone_id, started_at) DO NOTHING",
+            [(v["unit_id"], v["zone_id"], _dt(v["started_at"]), _dt(v["ended_at"]),
+              v["duration_s"], v["end_reason"], v["qualified"], v["target_met"], v["overstay"])
+             for v, _ in visits],
+        )  # fmt: skip
+        for v, rules in visits:
+            if v["qualified"] and rules is not None:
+                await refresh_zone_periods(conn, v["zone_id"], parse_ts(v["started_at"]),
+                                           parse_ts(v["ended_at"]), rules.target_ms,
+                                           self.calendar)  # fmt: skip
+
+
+def _dt(text: str) -> Any:
+    from datetime import UTC, datetime
+
+    return datetime.fromtimestamp(parse_ts(text) / 1000, UTC)
+
+
+async def main(settings: DosageSettings | None = None) -> None:
+    await run_service(DosageService(settings or DosageSettings()))
+
+
+__all__ = ["DosageService", "DosageSettings", "main"]
