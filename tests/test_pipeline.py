@@ -53,8 +53,9 @@ def test_pipeline_equals_replay(
 
     async def scenario() -> tuple[list[Any], list[Any], set[str]]:
         await prepare_database(database_url)
-        services = [
-            IngestService(IngestSettings(**common)),
+        ingest = IngestService(IngestSettings(**common))
+        services: list[IngestService | GeofenceService | DosageService] = [
+            ingest,
             GeofenceService(GeofenceSettings(**common, wall_clock=False)),
             DosageService(DosageSettings(**common, wall_clock=False)),
         ]
@@ -69,7 +70,7 @@ def test_pipeline_equals_replay(
             # unit's pings stay in order only if they share one; key by unit, like a gateway.
             lines = pings.read_bytes().splitlines()
             await BatchProducer(producer).send(
-                services[0].settings.topic_raw,
+                ingest.settings.topic_raw,
                 ((json.loads(x)["unit_id"].encode(), x) for x in lines),
             )
             await wait_for(pool, "SELECT count(*) FROM visits", len(visits))
