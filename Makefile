@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-.PHONY: run test lint typecheck unit bench schemas clean
+.PHONY: run replay-demo test lint typecheck unit bench schemas clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -11,7 +11,10 @@ $(BIN)/.installed: pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	touch $@
 
-run: $(BIN)/.installed  ## replay a seeded demo city through the core and print a summary
+run: $(BIN)/.installed  ## the whole service on the embedded stack, fed by a demo city's patrols
+	$(BIN)/dosewatch up --demo
+
+replay-demo: $(BIN)/.installed  ## replay a seeded demo city through the core and print a summary
 	$(BIN)/dosewatch demo
 
 test: lint typecheck unit  ## ruff, mypy and pytest

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -20,7 +21,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not getattr(args, "command", None):
         parser.print_help()
         return 2
-    handler = {"replay": _replay, "demo": _demo, "schemas": _schemas}[args.command]
+    handler = {
+        "replay": _replay,
+        "demo": _demo,
+        "schemas": _schemas,
+        "up": _up,
+        "ingest": _service,
+        "geofence": _service,
+        "dosage": _service,
+        "zones": _zones,
+    }[args.command]
     try:
         return handler(args)
     except ReplayError as exc:
@@ -45,6 +55,25 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--units", type=int, default=25)
     demo.add_argument("--hours", type=float, default=8.0)
     _add_rule_flags(demo)
+
+    up = sub.add_parser(
+        "up",
+        help="start the whole service (embedded broker and database "
+        "unless DOSEWATCH_KAFKA_BOOTSTRAP / DOSEWATCH_DATABASE_URL are set)",
+    )
+    up.add_argument("--state-dir", type=Path, default=Path(".dosewatch"))
+    up.add_argument("--demo", action="store_true", help="load a demo city and stream its patrols")
+    up.add_argument("--speed", type=float, default=10.0, help="demo time multiplier")
+    up.add_argument("--units", type=int, default=25, help="demo patrol units")
+    up.add_argument("--demo-zones", type=int, default=60, dest="demo_zones")
+    for name, text in (("ingest", "validate raw AVL input (Kafka and HTTP)"),
+                       ("geofence", "pings -> visit events, per unit"),
+                       ("dosage", "visit events -> zone status, history, audit")):  # fmt: skip
+        sub.add_parser(name, help=text)
+    zones = sub.add_parser("zones", help="manage zones in PostgreSQL")
+    zones_sub = zones.add_subparsers(dest="zones_command", required=True)
+    zimport = zones_sub.add_parser("import", help="validate and upsert a FeatureCollection")
+    zimport.add_argument("file", type=Path)
 
     schemas = sub.add_parser("schemas", help="write the wire contracts as JSON Schema")
     schemas.add_argument("--out", type=Path, default=None, help="directory (default: schemas/json)")
@@ -111,6 +140,63 @@ def _schemas(args: argparse.Namespace) -> int:
     for path in write_schemas(args.out):
         print(path)
     return 0
+
+
+def _up(args: argparse.Namespace) -> int:
+    from dosewatch.up import up
+    from services.common import logs
+
+    logs.configure("up")
+    asyncio.run(up(args.state_dir, args.demo, args.speed, args.units, args.demo_zones))
+    return 0
+
+
+def _service(args: argparse.Namespace) -> int:
+    from services.common import logs
+
+    logs.configure(args.command)
+    if args.command == "ingest":
+        from services.ingest.service import main as run_ingest
+
+        asyncio.run(run_ingest())
+    elif args.command == "geofence":
+        from services.geofence.service import main as run_geofence
+
+        asyncio.run(run_geofence())
+    else:
+        from services.dosage.service import main as run_dosage
+
+        asyncio.run(run_dosage())
+    return 0
+
+
+def _zones(args: argparse.Namespace) -> int:
+    import asyncpg
+    import orjson
+
+    from services.common import db
+    from services.common.settings import CommonSettings
+    from services.common.zonestore import import_zones
+
+    async def run() -> int:
+        url = CommonSettings().database_url.get_secret_value()
+        try:
+            doc = orjson.loads(args.file.read_bytes())
+        except (OSError, orjson.JSONDecodeError) as exc:
+            raise ReplayError(f"cannot read {args.file}: {exc}") from None
+        await db.ensure_database(url)
+        conn = await asyncpg.connect(url)
+        try:
+            await db.migrate(conn)
+            written, errors = await import_zones(conn, doc)
+        finally:
+            await conn.close()
+        if errors:
+            raise ReplayError("invalid zones, nothing written:\n  " + "\n  ".join(errors))
+        print(f"{written} zones written")
+        return 0
+
+    return asyncio.run(run())
 
 
 if __name__ == "__main__":

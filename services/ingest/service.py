@@ -39,6 +39,8 @@ class IngestSettings(CommonSettings):
 
 
 class IngestService:
+    name = SERVICE
+
     def __init__(self, settings: IngestSettings) -> None:
         self.settings = settings
         self.ready = False

@@ -1,0 +1,134 @@
+"""`dosewatch up`: the whole service in one command, on the embedded stack by default.
+
+With no DOSEWATCH_KAFKA_BOOTSTRAP it runs the Tansu broker (in memory); with no
+DOSEWATCH_DATABASE_URL it runs PostgreSQL with its data under the state directory. Then
+migrations, topics and the three services; Ctrl-C stops everything and leaves no process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import orjson
+from aiokafka import AIOKafkaProducer
+from pydantic import Field, SecretStr
+
+from dosewatch.demo import make_pings, make_zones
+from schemas.timefmt import parse_ts
+from services.common import db, kafka
+from services.common.embedded import EmbeddedKafka, EmbeddedPostgres, free_port
+from services.common.settings import CommonSettings
+from services.common.zonestore import import_zones
+from services.dosage.service import DosageService, DosageSettings
+from services.geofence.service import GeofenceService, GeofenceSettings
+from services.ingest.service import IngestService, IngestSettings
+
+log = logging.getLogger("dosewatch.up")
+
+
+class UpSettings(CommonSettings):
+    embedded_kafka_port: int = Field(9092, ge=1, le=65535)
+    embedded_postgres_port: int = Field(0, ge=0, le=65535)  # 0: any free port
+
+
+async def up(state_dir: Path, demo: bool, speed: float, units: int, zones: int) -> None:
+    settings = UpSettings()
+    state_dir.mkdir(parents=True, exist_ok=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    embedded: list[EmbeddedKafka | EmbeddedPostgres] = []
+    services: list[Any] = []
+    tasks: list[asyncio.Task[None]] = []
+    try:
+        if "DOSEWATCH_KAFKA_BOOTSTRAP" not in os.environ:
+            broker = EmbeddedKafka(settings.embedded_kafka_port, state_dir / "tansu.log")
+            await broker.start()
+            embedded.append(broker)
+            settings.kafka_bootstrap = broker.bootstrap
+        if "DOSEWATCH_DATABASE_URL" not in os.environ and settings.database_url_file is None:
+            state_dir.chmod(state_dir.stat().st_mode | 0o711)
+            pg = EmbeddedPostgres(
+                state_dir / "pgdata", settings.embedded_postgres_port or free_port()
+            )
+            await pg.start()
+            embedded.append(pg)
+            settings.database_url = SecretStr(pg.url.rsplit("/", 1)[0] + "/dosewatch")
+        url = settings.database_url.get_secret_value()
+        await db.ensure_database(url)
+        conn = await asyncpg.connect(url)
+        try:
+            await db.migrate(conn)
+            if embedded and isinstance(embedded[0], EmbeddedKafka):
+                # The embedded broker's log is new and empty: offsets saved against the last
+                # one would point past its end. Start consistent instead of resuming.
+                await conn.execute("DELETE FROM consumer_offsets")
+                await conn.execute("DELETE FROM partition_state")
+            if demo:
+                doc = {"type": "FeatureCollection", "features": make_zones(7, zones)}
+                _written, errors = await import_zones(conn, doc)
+                if errors:
+                    raise RuntimeError(f"demo zones invalid: {errors[:3]}")
+        finally:
+            await conn.close()
+        shared = settings.model_dump(exclude={"embedded_kafka_port", "embedded_postgres_port"})
+        services = [
+            IngestService(IngestSettings(**shared)),
+            GeofenceService(GeofenceSettings(**shared)),
+            DosageService(DosageSettings(**shared)),
+        ]
+        for service in services:
+            await service.start()
+            tasks.append(asyncio.create_task(service.run()))
+        if demo:
+            tasks.append(asyncio.create_task(_stream_demo(settings, speed, units, zones)))
+        ports = ", ".join(f"{s.name} http://127.0.0.1:{s.http.port}" for s in services)
+        print(f"dosewatch ready: kafka {settings.kafka_bootstrap}; {ports}", flush=True)
+        waiter = asyncio.create_task(stop.wait())
+        done, _ = await asyncio.wait([waiter, *tasks], return_when=asyncio.FIRST_COMPLETED)
+        for task in done:
+            if task is not waiter and task.exception() is not None:
+                raise task.exception()  # type: ignore[misc]
+    finally:
+        for task in tasks:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        for service in reversed(services):
+            with contextlib.suppress(Exception):
+                await service.stop()
+        for server in reversed(embedded):
+            await server.stop()
+        print("dosewatch stopped", flush=True)
+
+
+async def _stream_demo(settings: UpSettings, speed: float, units: int, zones: int) -> None:
+    """The demo city's patrols as live AVL input, `speed` times faster than real time."""
+    features = make_zones(7, zones)
+    start_ms = int(time.time() * 1000)
+    producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap, linger_ms=5)
+    await producer.start()
+    out = kafka.BatchProducer(producer)
+    t0 = time.monotonic()
+    try:
+        batch: list[tuple[bytes, bytes]] = []
+        for ping in make_pings(7, features, units, hours=24.0, start_ms=start_ms):
+            due = (parse_ts(ping["ts"]) - start_ms) / 1000 / speed
+            wait = due - (time.monotonic() - t0)
+            if wait > 0.05:
+                if batch:
+                    await out.send(settings.topic_raw, batch)
+                    batch = []
+                await asyncio.sleep(wait)
+            batch.append((ping["unit_id"].encode(), orjson.dumps(ping)))
+    finally:
+        await producer.stop()
