@@ -232,3 +232,30 @@ def test_demo_city_replays(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
     main(["demo", "--out", str(again), "--zones", "20", "--units", "5", "--hours", "1"])
     assert (again / "pings.jsonl").read_bytes() == (out / "pings.jsonl").read_bytes()
     shutil.rmtree(again)
+
+
+def test_board_ignores_repeated_visit_events() -> None:
+    """At-least-once delivery upstream: a repeated or regressing event changes nothing."""
+    from dosewatch.replay import decode_lines, load_zones
+    from dosewatch.settings import ReplaySettings
+    from services.dosage.core.board import ZoneBoard
+    from services.dosage.core.params import DosageParams
+    from services.dosage.core.tracker import Fix, VisitTracker
+    from services.geofence.core.index import ZoneIndex
+
+    index = ZoneIndex(load_zones(SAMPLE / "zones.geojson"), DosageParams())
+    lines = enumerate((SAMPLE / "pings.jsonl").read_bytes().splitlines(), start=1)
+    fixes: list[Fix] = [f for f, _ in decode_lines(lines) if f is not None]
+    tracker = VisitTracker(index, DosageParams())
+    events = tracker.process(fixes[:6000])
+    rules = {z: index.rules_by_id[z] for z in index.zone_ids}
+    calendar = ReplaySettings(tz="America/New_York").calendar()
+    once, twice = (
+        ZoneBoard(rules, DosageParams(), calendar),
+        ZoneBoard(rules, DosageParams(), calendar),
+    )
+    a = [c for e in events for c in once.apply(e)]
+    b = [c for e in events + events[: len(events) // 2] for c in twice.apply(e)]
+    b += [c for e in events[len(events) // 3 :] for c in twice.apply(e)]
+    assert a and a == b
+    assert {z: once.snapshot(z) for z in rules} == {z: twice.snapshot(z) for z in rules}

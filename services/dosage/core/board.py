@@ -40,6 +40,16 @@ class ZoneLive:
     last_dosed_end: int | None = None
     status: ZoneStatusKind = ZoneStatusKind.DUE
     generation: int = 0  # invalidates stale deadlines
+    # "unit started_at" -> furthest stage seen: a redelivered event never moves a visit back.
+    stages: dict[str, int] = field(default_factory=dict)
+
+
+_STAGE = {
+    VisitEventKind.STARTED: 0,
+    VisitEventKind.TARGET_MET: 1,
+    VisitEventKind.OVERSTAY: 2,
+    VisitEventKind.ENDED: 3,
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,6 +98,11 @@ class ZoneBoard:
         zone = self.zones.get(event.zone_id)
         if zone is None:  # a zone this board does not own (or one deleted meanwhile)
             return out
+        key = f"{event.unit_id} {event.started_at}"
+        stage = _STAGE[event.kind]
+        if zone.stages.get(key, -1) >= stage:
+            return out  # a repeat (at-least-once delivery upstream): already applied
+        zone.stages[key] = stage
         zone.rules = event.rules
         if event.kind is VisitEventKind.STARTED:
             zone.present[event.unit_id] = event.started_at
@@ -99,6 +114,12 @@ class ZoneBoard:
                 zone.occupied_since = None
             if event.qualified:
                 self._add_qualified(zone, event.started_at, event.last_in)
+            horizon = event.last_in - 2 * _DAY_MS
+            zone.stages = {
+                k: v
+                for k, v in zone.stages.items()
+                if v < stage or int(k.rsplit(" ", 1)[1]) >= horizon
+            }
         self._refresh(zone, self._now(event.time), out)
         return out
 
@@ -202,9 +223,10 @@ class ZoneBoard:
                 zone.last_dosed_end is None or e > zone.last_dosed_end
             ):
                 zone.last_dosed_end = e
-        # Keep what today's shift totals and late merges can still touch.
+        # Keep what today's shift totals, late merges and repeats can still touch.
         horizon = end - 2 * _DAY_MS
         zone.qualified = [iv for iv in zone.qualified if iv[1] >= horizon]
+
 
     def _now(self, at: int | None) -> int:
         """Never before the board's clock: a lagging unit's event is applied as of now."""
@@ -221,6 +243,7 @@ class ZoneBoard:
             "qualified": z.qualified,
             "last_dosed_end": z.last_dosed_end,
             "status": str(z.status),
+            "stages": z.stages,
         }
 
     def restore_zone(self, zone_id: str, data: dict[str, Any]) -> None:
@@ -232,6 +255,7 @@ class ZoneBoard:
         zone.qualified = [(s, e) for s, e in data["qualified"]]
         zone.last_dosed_end = data["last_dosed_end"]
         zone.status = ZoneStatusKind(data["status"])
+        zone.stages = dict(data.get("stages", {}))
         deadline = self._next_change(zone, self._now(None))
         if deadline is not None:
             heapq.heappush(self._deadlines, (deadline, zone_id, zone.generation))
