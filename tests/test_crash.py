@@ -106,8 +106,8 @@ def test_kill9_and_restart(
             try:
                 chunks = [lines[i : i + 1500] for i in range(0, len(lines), 1500)]
                 for n, chunk in enumerate(chunks):
-                    await out.send(topic_prefix + "avl.pings.raw",
-                                   ((json.loads(x)["unit_id"].encode(), x) for x in chunk))  # fmt: skip
+                    keyed = ((json.loads(x)["unit_id"].encode(), x) for x in chunk)
+                    await out.send(topic_prefix + "avl.pings.raw", keyed)
                     await asyncio.sleep(0.3)
                     if n in (3, 7):  # twice, mid-stream, whatever it was doing
                         procs[victim].kill9()
