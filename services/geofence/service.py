@@ -8,6 +8,7 @@ fast backfill does not close visits early.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from typing import Any
@@ -17,7 +18,7 @@ import orjson
 from aiokafka import ConsumerRecord
 
 from schemas.timefmt import format_ts, parse_ts
-from services.common import kafka
+from services.common import db, kafka
 from services.common.http import HttpServer, probe_app
 from services.common.metrics import EVENTS_OUT, LATENCY, OPEN_VISITS, PINGS_IN
 from services.common.runner import run_service
@@ -61,8 +62,7 @@ class GeofenceService(StatefulService):
         assert self.pool is not None
         await self._load_zones()
         await self.start_kafka()
-        self._listen_conn = await self.pool.acquire()
-        await self._listen_conn.add_listener(CHANNEL, self._on_notify)
+        await self._listen()
         await self.http.start()
         self.ready = True
         log.info("geofence ready", extra={"zones": len(self.index), "http_port": self.http.port})
@@ -71,8 +71,9 @@ class GeofenceService(StatefulService):
         self.ready = False
         await self.http.stop()
         if self._listen_conn is not None and self.pool is not None:
-            await self._listen_conn.remove_listener(CHANNEL, self._on_notify)
-            await self.pool.release(self._listen_conn)
+            with contextlib.suppress(Exception):  # it may have died with the database
+                await self._listen_conn.remove_listener(CHANNEL, self._on_notify)
+                await self.pool.release(self._listen_conn, timeout=1)
         await self.stop_clients()
 
     async def run(self) -> None:
@@ -108,11 +109,29 @@ class GeofenceService(StatefulService):
         self.index = index
         return changed
 
+    async def _listen(self) -> None:
+        """(Re)open the LISTEN connection; a change missed while it was down is caught by
+        reloading once it is back."""
+        assert self.pool is not None
+        pool = self.pool
+        if self._listen_conn is not None:
+            with contextlib.suppress(Exception):
+                await pool.release(self._listen_conn, timeout=1)
+        conn = await db.retrying(pool.acquire, "listen", on_retry=self._retried)
+        await conn.add_listener(CHANNEL, self._on_notify)
+        self._listen_conn = conn
+
     async def _follow_zones(self) -> None:
         while True:
-            await self._zones_changed.wait()
+            try:
+                await asyncio.wait_for(self._zones_changed.wait(), timeout=1.0)
+            except TimeoutError:
+                if self._listen_conn is None or self._listen_conn.is_closed():
+                    await self._listen()
+                    self._zones_changed.set()
+                continue
             self._zones_changed.clear()
-            changed = await self._load_zones()
+            changed = await db.retrying(self._load_zones, "load zones", on_retry=self._retried)
             events: list[VisitEvent] = []
             for tracker in self.trackers.values():
                 events.extend(tracker.replace_index(self.index))

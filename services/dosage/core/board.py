@@ -227,7 +227,6 @@ class ZoneBoard:
         horizon = end - 2 * _DAY_MS
         zone.qualified = [iv for iv in zone.qualified if iv[1] >= horizon]
 
-
     def _now(self, at: int | None) -> int:
         """Never before the board's clock: a lagging unit's event is applied as of now."""
         clock = self.clock if self.clock is not None else 0
