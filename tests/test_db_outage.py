@@ -44,9 +44,10 @@ def test_database_outage(kafka_bootstrap: str, topic_prefix: str, tmp_path: Path
         await db.ensure_database(url)
         await prepare_database(url)
         common: dict[str, Any] = {"kafka_bootstrap": kafka_bootstrap, "database_url": url,
-                                  "topic_prefix": topic_prefix, "db_retry_max_s": 0.5, **TZ}  # fmt: skip
+                                  "topic_prefix": topic_prefix, "db_retry_max_s": 0.5,
+                                  **TZ}  # fmt: skip
         ingest = IngestService(IngestSettings(**common))
-        services = [ingest, GeofenceService(GeofenceSettings(**common, wall_clock=False)),
+        services: list[IngestService | GeofenceService | DosageService] = [ingest, GeofenceService(GeofenceSettings(**common, wall_clock=False)),
                     DosageService(DosageSettings(**common, wall_clock=False))]  # fmt: skip
         tasks = []
         for s in services:
