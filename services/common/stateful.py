@@ -31,15 +31,17 @@ class _Listener(kafka.ConsumerRebalanceListener):  # type: ignore[misc]
         self.owner = owner
 
     async def on_partitions_revoked(self, revoked: Sequence[TopicPartition]) -> None:
-        # State is saved at every batch boundary, and the loop calls getmany between
-        # batches, so there is nothing in flight to flush here.
-        for tp in revoked:
-            self.owner.partitions.pop(tp.partition, None)
-            self.owner.drop_partition(tp.partition)
+        # The lock waits out a batch in flight: its state and offsets are saved before the
+        # partition can move, so the next owner loads exactly what this one committed.
+        async with self.owner.lock:
+            for tp in revoked:
+                self.owner.partitions.pop(tp.partition, None)
+                self.owner.drop_partition(tp.partition)
         log.info("partitions revoked", extra={"partitions": [tp.partition for tp in revoked]})
 
     async def on_partitions_assigned(self, assigned: Sequence[TopicPartition]) -> None:
-        await self.owner.assign([tp.partition for tp in assigned])
+        async with self.owner.lock:
+            await self.owner.assign([tp.partition for tp in assigned])
 
 
 class StatefulService(abc.ABC):
@@ -58,6 +60,8 @@ class StatefulService(abc.ABC):
         self.out: kafka.BatchProducer | None = None
         # partition -> (newest event ts, monotonic time it arrived): the live clock's parts
         self.partitions: dict[int, tuple[int | None, float]] = {}
+        # Held from processing a batch until its state is saved; rebalances wait for it.
+        self.lock = asyncio.Lock()
         self.ready = False
 
     # -- what a service supplies -------------------------------------------------------------
@@ -159,33 +163,40 @@ class StatefulService(abc.ABC):
         next_tick = time.monotonic() + self.tick_s
         while True:
             batches = await consumer.getmany(timeout_ms=max(1, int(self.tick_s * 1000)))
-            outputs: list[Any] = []
-            offsets: dict[int, int] = {}
-            now = time.monotonic()
-            for tp, records in batches.items():
-                if tp.partition not in self.partitions:
-                    continue  # revoked while fetching
-                out, newest = self.process(tp.partition, records)
-                outputs.extend(out)
-                offsets[tp.partition] = records[-1].offset + 1
-                old, _seen = self.partitions[tp.partition]
-                if newest is not None and (old is None or newest > old):
-                    old = newest
-                self.partitions[tp.partition] = (old, now)
-                hw = consumer.highwater(tp)
-                if hw is not None:
-                    CONSUMER_LAG.labels(self.name, str(tp.partition)).set(
-                        hw - offsets[tp.partition]
-                    )
-            if self.wall_clock and now >= next_tick:
-                next_tick = now + self.tick_s
-                for p, (newest, seen_at) in self.partitions.items():
-                    if newest is not None:
-                        outputs.extend(self.tick(p, newest + int((now - seen_at) * 1000)))
-            if not outputs and not offsets:
-                continue
+            async with self.lock:
+                next_tick = await self._step(batches, next_tick)
+
+    async def _step(
+        self, batches: dict[TopicPartition, list[ConsumerRecord]], next_tick: float
+    ) -> float:
+        """One batch: apply it, produce its outputs, save state with offsets (in that order)."""
+        assert self.consumer is not None
+        consumer = self.consumer
+        outputs: list[Any] = []
+        offsets: dict[int, int] = {}
+        now = time.monotonic()
+        for tp, records in batches.items():
+            if tp.partition not in self.partitions:
+                continue  # revoked while fetching
+            out, newest = self.process(tp.partition, records)
+            outputs.extend(out)
+            offsets[tp.partition] = records[-1].offset + 1
+            old, _seen = self.partitions[tp.partition]
+            if newest is not None and (old is None or newest > old):
+                old = newest
+            self.partitions[tp.partition] = (old, now)
+            hw = consumer.highwater(tp)
+            if hw is not None:
+                CONSUMER_LAG.labels(self.name, str(tp.partition)).set(hw - offsets[tp.partition])
+        if self.wall_clock and now >= next_tick:
+            next_tick = now + self.tick_s
+            for p, (newest, seen_at) in self.partitions.items():
+                if newest is not None:
+                    outputs.extend(self.tick(p, newest + int((now - seen_at) * 1000)))
+        if outputs or offsets:
             await self.publish(outputs)
             await self.save(outputs, offsets)
+        return next_tick
 
     async def save(self, outputs: list[Any], offsets: dict[int, int]) -> None:
         assert self.pool is not None

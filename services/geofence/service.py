@@ -132,14 +132,15 @@ class GeofenceService(StatefulService):
                 continue
             self._zones_changed.clear()
             changed = await db.retrying(self._load_zones, "load zones", on_retry=self._retried)
-            events: list[VisitEvent] = []
-            for tracker in self.trackers.values():
-                events.extend(tracker.replace_index(self.index))
-            outputs: list[Any] = [visit_cloudevent(e, self.gsettings.source) for e in events]
-            outputs += [self._zone_changed(c) for c in changed]
+            async with self.lock:
+                events: list[VisitEvent] = []
+                for tracker in self.trackers.values():
+                    events.extend(tracker.replace_index(self.index))
+                outputs: list[Any] = [visit_cloudevent(e, self.gsettings.source) for e in events]
+                outputs += [self._zone_changed(c) for c in changed]
+                await self.publish(outputs)
+                await self.save(outputs, {})
             log.info("zones reloaded", extra={"zones": len(self.index), "changed": len(changed)})
-            await self.publish(outputs)
-            await self.save(outputs, {})
 
     def _zone_changed(self, change: dict[str, Any]) -> dict[str, Any]:
         zid = change["zone_id"]
