@@ -47,8 +47,11 @@ def test_database_outage(kafka_bootstrap: str, topic_prefix: str, tmp_path: Path
                                   "topic_prefix": topic_prefix, "db_retry_max_s": 0.5,
                                   **TZ}  # fmt: skip
         ingest = IngestService(IngestSettings(**common))
-        services: list[IngestService | GeofenceService | DosageService] = [ingest, GeofenceService(GeofenceSettings(**common, wall_clock=False)),
-                    DosageService(DosageSettings(**common, wall_clock=False))]  # fmt: skip
+        services: list[IngestService | GeofenceService | DosageService] = [
+            ingest,
+            GeofenceService(GeofenceSettings(**common, wall_clock=False)),
+            DosageService(DosageSettings(**common, wall_clock=False)),
+        ]
         tasks = []
         for s in services:
             await s.start()
