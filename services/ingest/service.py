@@ -21,11 +21,11 @@ from services.common.metrics import CONSUMER_LAG, EVENTS_OUT, LATENCY, PINGS_IN,
 from services.common.settings import CommonSettings
 from services.ingest.core.normalise import (
     Accepted,
+    Limits,
     Rejected,
     dead_letter,
     from_osmand,
     normalise_message,
-    normalise_value,
 )
 
 log = logging.getLogger(__name__)
@@ -34,6 +34,8 @@ SERVICE = "ingest"
 
 class IngestSettings(CommonSettings):
     group_id: str = "dosewatch-ingest"
+    max_future_s: float = Field(60.0, ge=0)
+    max_message_bytes: int = Field(1_000_000, ge=1024)
     max_body_bytes: int = Field(5_000_000, ge=1024)
     max_pings_per_request: int = Field(10_000, ge=1)
 
@@ -79,8 +81,9 @@ class IngestService:
             accepted: list[Accepted] = []
             dead: list[bytes] = []
             for tp, records in batches.items():
+                limits = self._limits()
                 for record in records:
-                    ok, bad = normalise_message(record.value or b"")
+                    ok, bad = normalise_message(record.value or b"", limits)
                     accepted.extend(ok)
                     source = {"topic": tp.topic, "partition": tp.partition,
                               "offset": record.offset}  # fmt: skip
@@ -105,6 +108,10 @@ class IngestService:
             await self._out.send(s.topic_dlq, ((None, d) for d in dead))
             EVENTS_OUT.labels(SERVICE, s.topic_dlq).inc(len(dead))
 
+    def _limits(self) -> Limits:
+        s = self.settings
+        return Limits(int(time.time() * 1000), round(s.max_future_s * 1000), s.max_message_bytes)
+
     @staticmethod
     def _count(ok: Sequence[Accepted], bad: Sequence[Rejected], source: str) -> None:
         PINGS_IN.labels(SERVICE, source).inc(len(ok) + len(bad))
@@ -121,7 +128,7 @@ class IngestService:
             body = await request.body()
             if len(body) > self.settings.max_body_bytes:
                 return _problem(413, f"body over {self.settings.max_body_bytes} bytes")
-            ok, bad = normalise_message(body)
+            ok, bad = normalise_message(body, self._limits())
             if len(ok) + len(bad) > self.settings.max_pings_per_request:
                 return _problem(413, f"over {self.settings.max_pings_per_request} pings")
             if bad and bad[0].errors[0].field == "(message)":
@@ -135,7 +142,7 @@ class IngestService:
             if request.method == "POST" and not params:
                 form = await request.form()
                 params = {k: str(v) for k, v in form.items()}
-            ok, bad = from_osmand(params)
+            ok, bad = from_osmand(params, self._limits())
             raw = str(request.url.query).encode() or b""
             return await self._intake(ok, bad, raw, "osmand")
 
@@ -164,4 +171,4 @@ async def main(settings: IngestSettings | None = None) -> None:
     await run_service(IngestService(settings or IngestSettings()))
 
 
-__all__ = ["IngestService", "IngestSettings", "main", "normalise_value"]
+__all__ = ["IngestService", "IngestSettings", "main"]

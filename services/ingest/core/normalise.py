@@ -35,21 +35,39 @@ def accept(ping: Ping) -> Accepted:
     return Accepted(ping.unit_id.encode(), value, ping)
 
 
-def normalise_message(raw: bytes) -> tuple[list[Accepted], list[Rejected]]:
+@dataclass(frozen=True, slots=True)
+class Limits:
+    now_ms: int  # wall time: the one thing the rules cannot check for themselves
+    max_future_ms: int = 60_000
+    max_message_bytes: int = 1_000_000
+
+
+def normalise_message(raw: bytes, limits: Limits) -> tuple[list[Accepted], list[Rejected]]:
     """One Kafka message: one ping object or an array of them."""
+    if len(raw) > limits.max_message_bytes:
+        reason = f"message of {len(raw)} bytes is over the limit of {limits.max_message_bytes}"
+        return [], [Rejected([PingError(field="(message)", reason=reason)], None)]
     try:
         value = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
         return [], [Rejected([PingError(field="(message)", reason=f"invalid JSON: {exc}")], None)]
-    return normalise_value(value)
+    return normalise_value(value, limits)
 
 
-def normalise_value(value: Any) -> tuple[list[Accepted], list[Rejected]]:
+def normalise_value(value: Any, limits: Limits) -> tuple[list[Accepted], list[Rejected]]:
     items, is_array = (value, True) if isinstance(value, list) else ([value], False)
     accepted: list[Accepted] = []
     rejected: list[Rejected] = []
+    horizon = limits.now_ms + limits.max_future_ms
     for i, item in enumerate(items):
         result = validate_ping(item)
+        if isinstance(result, Ping) and result.ts > horizon:
+            # A clock far ahead would drag the stream clock with it and close every visit.
+            ahead = (result.ts - limits.now_ms) / 1000
+            limit = limits.max_future_ms / 1000
+            result = [
+                PingError(field="ts", reason=f"{ahead:.0f} s in the future (limit {limit:.0f} s)")
+            ]
         if isinstance(result, Ping):
             accepted.append(accept(result))
         else:
@@ -59,18 +77,23 @@ def normalise_value(value: Any) -> tuple[list[Accepted], list[Rejected]]:
 
 def dead_letter(raw: bytes, rejected: Rejected, source: Mapping[str, Any]) -> bytes:
     """A DLQ record: the original bytes (verbatim, base64), every error, and where it came from."""
+    kept = raw[:_DLQ_ORIGINAL_MAX]
     doc: dict[str, Any] = {
         "errors": [e.model_dump() for e in rejected.errors],
         "index": rejected.index,
         "source": dict(source),
-        "original_b64": base64.b64encode(raw).decode(),
+        "original_b64": base64.b64encode(kept).decode(),
+        "original_bytes": len(raw),  # more than kept: an oversized message, truncated here
     }
+    raw = kept
     try:
         doc["original"] = raw.decode("utf-8")
     except UnicodeDecodeError:
         doc["original"] = None
     return orjson.dumps(doc)
 
+
+_DLQ_ORIGINAL_MAX = 262_144
 
 # OsmAnd / Traccar Client query parameters -> Ping fields.
 _OSMAND = {"id": "unit_id", "deviceid": "unit_id", "lat": "lat", "lon": "lon",
@@ -79,7 +102,7 @@ _OSMAND = {"id": "unit_id", "deviceid": "unit_id", "lat": "lat", "lon": "lon",
 _KNOTS_TO_MPS = 0.514444
 
 
-def from_osmand(params: Mapping[str, str]) -> tuple[list[Accepted], list[Rejected]]:
+def from_osmand(params: Mapping[str, str], limits: Limits) -> tuple[list[Accepted], list[Rejected]]:
     """The OsmAnd protocol Traccar Client speaks: numbers arrive as text; `timestamp` is Unix
     seconds (or ms) or an ISO time; `speed` is in knots, as Traccar defines it."""
     ping: dict[str, Any] = {"source": "osmand"}
@@ -101,7 +124,7 @@ def from_osmand(params: Mapping[str, str]) -> tuple[list[Accepted], list[Rejecte
             ping[field] = number * _KNOTS_TO_MPS if field == "speed_mps" else number
     if errors:
         return [], [Rejected(errors, None)]
-    return normalise_value(ping)
+    return normalise_value(ping, limits)
 
 
 def _osmand_time(raw: str) -> Any:
