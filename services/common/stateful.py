@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Sequence
@@ -34,6 +35,7 @@ class _Listener(kafka.ConsumerRebalanceListener):  # type: ignore[misc]
         # The lock waits out a batch in flight: its state and offsets are saved before the
         # partition can move, so the next owner loads exactly what this one committed.
         async with self.owner.lock:
+            await self.owner.flush()
             for tp in revoked:
                 self.owner.partitions.pop(tp.partition, None)
                 self.owner.drop_partition(tp.partition)
@@ -60,8 +62,9 @@ class StatefulService(abc.ABC):
         self.out: kafka.BatchProducer | None = None
         # partition -> (newest event ts, monotonic time it arrived): the live clock's parts
         self.partitions: dict[int, tuple[int | None, float]] = {}
-        # Held from processing a batch until its state is saved; rebalances wait for it.
+        # Held while a batch is applied; a rebalance takes it and waits for the saves in flight.
         self.lock = asyncio.Lock()
+        self._saving: asyncio.Task[None] | None = None
         self.ready = False
 
     # -- what a service supplies -------------------------------------------------------------
@@ -118,6 +121,9 @@ class StatefulService(abc.ABC):
 
     async def stop_clients(self) -> None:
         self.ready = False
+        if self._saving is not None:
+            with contextlib.suppress(Exception, asyncio.CancelledError):
+                await asyncio.wait_for(self._saving, 10)
         if self.consumer is not None:
             await self.consumer.stop()
         if self.producer is not None:
@@ -195,13 +201,41 @@ class StatefulService(abc.ABC):
                     outputs.extend(self.tick(p, newest + int((now - seen_at) * 1000)))
         if outputs or offsets:
             await self.publish(outputs)
-            await self.save(outputs, offsets)
+            if self._saving is not None and not self._saving.done():
+                await self._saving  # at most one save in flight
+            self.start_save(outputs, offsets)
         return next_tick
 
     async def save(self, outputs: list[Any], offsets: dict[int, int]) -> None:
+        """Save now (after any save in flight)."""
+        self.start_save(outputs, offsets)
+        await self.flush()
+
+    def start_save(self, outputs: list[Any], offsets: dict[int, int]) -> None:
+        """Snapshot the state now, write it in the background after the save before it.
+
+        The next batch is fetched and processed while this one is written; the one after
+        waits for it. Saves stay in order, and each holds the state that goes with its
+        offsets, so the commit order is unchanged: outputs acked, then state and offsets."""
+        state = {p: self.dirty_state(p) for p in list(self.partitions)}
+        previous = self._saving
+        self._saving = asyncio.create_task(self._write_after(previous, state, outputs, offsets))
+
+    async def flush(self) -> None:
+        if self._saving is not None:
+            await self._saving
+
+    async def _write_after(
+        self,
+        previous: asyncio.Task[None] | None,
+        state: dict[int, dict[str, Any]],
+        outputs: list[Any],
+        offsets: dict[int, int],
+    ) -> None:
+        if previous is not None:
+            await previous
         assert self.pool is not None
         pool = self.pool
-        state = {p: self.dirty_state(p) for p in list(self.partitions)}
 
         async def tx() -> None:
             async with pool.acquire() as conn, conn.transaction():
