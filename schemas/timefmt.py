@@ -24,6 +24,11 @@ def parse_ts(value: object) -> int:
             raise ValueError("epoch milliseconds out of range (years 1–9999)")
         return value
     if isinstance(value, str):
+        if len(value) == 24 and value[19] == "." and value[23] == "Z" and value[20:23].isdigit():
+            # The canonical form every service writes: the seconds part is cached.
+            seconds = _canonical_second(value[:19])
+            if seconds is not None:
+                return seconds + int(value[20:23])
         if not _RFC3339.match(value):
             raise ValueError(
                 "must be RFC 3339 with a 'Z' or numeric offset, e.g. 2026-05-14T18:00:05.000Z"
@@ -52,3 +57,14 @@ def _format_second(seconds: int) -> str:
     # dict lookup on the replay's hot path.
     t = _EPOCH + timedelta(seconds=seconds)
     return f"{t.year:04d}-{t.month:02d}-{t.day:02d}T{t.hour:02d}:{t.minute:02d}:{t.second:02d}"
+
+
+@lru_cache(maxsize=65_536)
+def _canonical_second(text: str) -> int | None:
+    if not _RFC3339.match(text + "Z"):
+        return None
+    try:
+        dt = datetime.fromisoformat(text + "+00:00")
+    except ValueError:
+        return None
+    return (dt - _EPOCH) // _MS

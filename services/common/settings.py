@@ -39,6 +39,8 @@ class CommonSettings(BaseSettings):
     linger_ms: int = Field(5, ge=0)
     max_poll_records: int = Field(5000, ge=1)
     max_batch_bytes: int = Field(1_048_576, ge=1024)
+    # State, offsets and history are written at most this often (outputs go out per batch).
+    commit_interval_ms: int = Field(100, ge=0)
     # Group membership: short timeouts make a dead instance's partitions move on quickly.
     session_timeout_ms: int = Field(3000, ge=1000)
     heartbeat_interval_ms: int = Field(300, ge=100)

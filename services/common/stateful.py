@@ -65,6 +65,10 @@ class StatefulService(abc.ABC):
         # Held while a batch is applied; a rebalance takes it and waits for the saves in flight.
         self.lock = asyncio.Lock()
         self._saving: asyncio.Task[None] | None = None
+        self.commit_interval_s = settings.commit_interval_ms / 1000
+        self._pending_outputs: list[Any] = []
+        self._pending_offsets: dict[int, int] = {}
+        self._last_save = 0.0
         self.ready = False
 
     # -- what a service supplies -------------------------------------------------------------
@@ -121,9 +125,8 @@ class StatefulService(abc.ABC):
 
     async def stop_clients(self) -> None:
         self.ready = False
-        if self._saving is not None:
-            with contextlib.suppress(Exception, asyncio.CancelledError):
-                await asyncio.wait_for(self._saving, 10)
+        with contextlib.suppress(Exception, asyncio.CancelledError):
+            await asyncio.wait_for(self.flush(), 10)
         if self.consumer is not None:
             await self.consumer.stop()
         if self.producer is not None:
@@ -168,7 +171,10 @@ class StatefulService(abc.ABC):
         consumer = self.consumer
         next_tick = time.monotonic() + self.tick_s
         while True:
-            batches = await consumer.getmany(timeout_ms=max(1, int(self.tick_s * 1000)))
+            wait_s = (
+                min(self.tick_s, self.commit_interval_s) if self._pending_offsets else self.tick_s
+            )
+            batches = await consumer.getmany(timeout_ms=max(1, int(wait_s * 1000)))
             async with self.lock:
                 next_tick = await self._step(batches, next_tick)
 
@@ -199,16 +205,30 @@ class StatefulService(abc.ABC):
             for p, (newest, seen_at) in self.partitions.items():
                 if newest is not None:
                     outputs.extend(self.tick(p, newest + int((now - seen_at) * 1000)))
-        if outputs or offsets:
+        if outputs:
             await self.publish(outputs)
+        self._pending_outputs.extend(outputs)
+        self._pending_offsets.update(offsets)
+        if (self._pending_offsets or self._pending_outputs) and (
+            now - self._last_save >= self.commit_interval_s
+        ):
+            # Saving per commit interval rather than per batch: a crash repeats at most an
+            # interval's outputs, and repeats carry the same event ids.
             if self._saving is not None and not self._saving.done():
                 await self._saving  # at most one save in flight
-            self.start_save(outputs, offsets)
+            self._commit_pending(now)
         return next_tick
 
-    async def save(self, outputs: list[Any], offsets: dict[int, int]) -> None:
-        """Save now (after any save in flight)."""
+    def _commit_pending(self, now: float) -> None:
+        outputs, offsets = self._pending_outputs, self._pending_offsets
+        self._pending_outputs, self._pending_offsets = [], {}
+        self._last_save = now
         self.start_save(outputs, offsets)
+
+    async def save(self, outputs: list[Any], offsets: dict[int, int]) -> None:
+        """Save now, with everything applied before (state never runs ahead of offsets)."""
+        self._pending_outputs.extend(outputs)
+        self._pending_offsets.update(offsets)
         await self.flush()
 
     def start_save(self, outputs: list[Any], offsets: dict[int, int]) -> None:
@@ -222,6 +242,9 @@ class StatefulService(abc.ABC):
         self._saving = asyncio.create_task(self._write_after(previous, state, outputs, offsets))
 
     async def flush(self) -> None:
+        """Save everything applied so far and wait until it is written."""
+        if self._pending_offsets or self._pending_outputs:
+            self._commit_pending(time.monotonic())
         if self._saving is not None:
             await self._saving
 

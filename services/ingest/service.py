@@ -74,9 +74,13 @@ class IngestService:
     async def run(self) -> None:
         assert self._consumer is not None
         consumer = self._consumer
+        last_commit = 0.0
         while True:
             batches = await consumer.getmany(timeout_ms=100)
             if not batches:
+                if last_commit and time.monotonic() - last_commit > 1.0:
+                    await consumer.commit()
+                    last_commit = 0.0
                 continue
             accepted: list[Accepted] = []
             dead: list[bytes] = []
@@ -93,7 +97,12 @@ class IngestService:
                 if hw is not None:
                     CONSUMER_LAG.labels(SERVICE, str(tp.partition)).set(hw - records[-1].offset - 1)
             await self._publish(accepted, dead)
-            await consumer.commit()
+            now = time.monotonic()
+            if now - last_commit >= self.settings.commit_interval_ms / 1000:
+                # At least once: a crash repeats at most an interval of pings, which the
+                # rules discard as duplicates.
+                await consumer.commit()
+                last_commit = now
 
     async def _publish(self, accepted: Sequence[Accepted], dead: Sequence[bytes]) -> None:
         assert self._out is not None
