@@ -54,7 +54,9 @@ def consumer(settings: CommonSettings, group_id: str, *topics: str) -> AIOKafkaC
     return AIOKafkaConsumer(
         *topics,
         bootstrap_servers=settings.kafka_bootstrap,
-        group_id=group_id,
+        # The topic prefix namespaces the groups too: two deployments on one cluster never
+        # share a group (or rebalance each other).
+        group_id=settings.topic_prefix + group_id,
         enable_auto_commit=False,
         auto_offset_reset="earliest",
         # 0 would never return data on some brokers; a few ms is the latency floor anyway.
