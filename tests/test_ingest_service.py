@@ -42,12 +42,15 @@ def test_kafka_intake_normalises_and_dead_letters(kafka_bootstrap: str, topic_pr
         await producer.start()
         try:
             raw = settings.topic_raw
-            await producer.send_and_wait(raw, orjson.dumps(GOOD))
-            poison = await producer.send_and_wait(raw, b"\xff not json")
+            # Keyed by unit, as a gateway that cares about order sends them: unkeyed raw
+            # messages may land on different partitions and come out in another order.
+            car = b"car-1"
+            await producer.send_and_wait(raw, orjson.dumps(GOOD), key=car)
+            poison = await producer.send_and_wait(raw, b"\xff not json", key=car)
             await producer.send_and_wait(
-                raw, orjson.dumps([GOOD | {"ts": 1778781610000}, GOOD | {"lat": 91}])
+                raw, orjson.dumps([GOOD | {"ts": 1778781610000}, GOOD | {"lat": 91}]), key=car
             )
-            await producer.send_and_wait(raw, orjson.dumps(GOOD | {"ts": 1778781620000}))
+            await producer.send_and_wait(raw, orjson.dumps(GOOD | {"ts": 1778781620000}), key=car)
             pings = await drain(kafka_bootstrap, settings.topic_pings, 3)
             dead = await drain(kafka_bootstrap, settings.topic_dlq, 2)
         finally:
