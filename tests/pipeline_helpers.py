@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -73,3 +75,71 @@ async def collect(bootstrap: str, topic: str, until: Any, timeout_s: float = 60)
     finally:
         await consumer.stop()
     return values
+
+
+TZ = {"tz": "America/New_York", "shifts": "07:00,15:00,23:00"}
+
+
+@dataclass(frozen=True)
+class Expected:
+    """The sample plus flush pings, and what `dosewatch replay` makes of them."""
+
+    pings: Path
+    lines: list[bytes]
+    visits: list[dict[str, Any]]
+    periods: list[dict[str, Any]]
+    events: list[dict[str, Any]]
+
+
+def replay_expected(tmp_path: Path) -> Expected:
+    from dosewatch.cli import main as cli
+
+    fixes = sample_fixes()
+    lines = (SAMPLE / "pings.jsonl").read_bytes().splitlines()
+    lines += [ping_bytes(f) for f in flush_fixes(max(f.ts for f in fixes), 4)]
+    pings = tmp_path / "pings.jsonl"
+    pings.write_bytes(b"\n".join(lines) + b"\n")
+    out = tmp_path / "replay"
+    args = ["replay", "--zones", str(SAMPLE / "zones.geojson"), "--pings", str(pings),
+            "--out", str(out), "--tz", TZ["tz"], "--shifts", TZ["shifts"]]  # fmt: skip
+    assert cli(args) == 0
+
+    def rows(name: str) -> list[dict[str, Any]]:
+        return [orjson.loads(x) for x in (out / name).read_bytes().splitlines()]
+
+    return Expected(pings, lines, rows("visits.jsonl"), rows("zone_periods.jsonl"),
+                    rows("events.jsonl"))  # fmt: skip
+
+
+def keyed(lines: list[bytes]) -> list[tuple[bytes, bytes]]:
+    """Raw lines keyed by unit, as an order-preserving gateway sends them."""
+    return [(orjson.loads(x)["unit_id"].encode(), x) for x in lines]
+
+
+def _ts(value: datetime) -> str:
+    from schemas.timefmt import format_ts
+
+    return format_ts(round(value.timestamp() * 1000))
+
+
+def db_visits(records: list[Any]) -> list[dict[str, Any]]:
+    """`visits` table rows in the form and order of replay's visits.jsonl."""
+    rows = [
+        {"unit_id": r["unit_id"], "zone_id": r["zone_id"], "started_at": _ts(r["started_at"]),
+         "ended_at": _ts(r["ended_at"]), "duration_s": r["duration_s"],
+         "end_reason": r["end_reason"], "qualified": r["qualified"],
+         "target_met": r["target_met"], "overstay": r["overstay"]}
+        for r in records
+    ]  # fmt: skip
+    return sorted(rows, key=lambda r: (r["started_at"], r["unit_id"], r["zone_id"]))
+
+
+def db_periods(records: list[Any]) -> list[dict[str, Any]]:
+    """`zone_periods` table rows in the form and order of replay's zone_periods.jsonl."""
+    rows = [
+        {"zone_id": r["zone_id"], "period_start": _ts(r["period_start"]),
+         "period_end": _ts(r["period_end"]), "presence_s": r["presence_s"],
+         "officer_s": r["officer_s"], "visits": r["visits"], "dosed_visits": r["dosed_visits"]}
+        for r in records
+    ]  # fmt: skip
+    return sorted(rows, key=lambda r: (r["zone_id"], r["period_start"]))

@@ -18,11 +18,16 @@ import httpx
 import pytest
 from aiokafka import AIOKafkaProducer
 
-from dosewatch.cli import main as cli
 from services.common.embedded import free_port
 from services.common.kafka import BatchProducer
-from tests.pipeline_helpers import SAMPLE, flush_fixes, ping_bytes, prepare_database, sample_fixes
-from tests.test_pipeline import TZ, ts
+from tests.pipeline_helpers import (
+    TZ,
+    db_periods,
+    db_visits,
+    keyed,
+    prepare_database,
+    replay_expected,
+)
 
 SERVICES = ("ingest", "geofence", "dosage")
 
@@ -71,16 +76,7 @@ class Proc:
 def test_kill9_and_restart(
     victim: str, kafka_bootstrap: str, database_url: str, topic_prefix: str, tmp_path: Path
 ) -> None:
-    fixes = sample_fixes()
-    flush = flush_fixes(max(f.ts for f in fixes), 4)
-    lines = (SAMPLE / "pings.jsonl").read_bytes().splitlines() + [ping_bytes(f) for f in flush]
-    pings = tmp_path / "pings.jsonl"
-    pings.write_bytes(b"\n".join(lines) + b"\n")
-    out = tmp_path / "replay"
-    assert cli(["replay", "--zones", str(SAMPLE / "zones.geojson"), "--pings", str(pings),
-                "--out", str(out), "--tz", TZ["tz"], "--shifts", TZ["shifts"]]) == 0  # fmt: skip
-    visits = [json.loads(x) for x in (out / "visits.jsonl").read_text().splitlines()]
-    periods = [json.loads(x) for x in (out / "zone_periods.jsonl").read_text().splitlines()]
+    expected = replay_expected(tmp_path)
 
     env = dict(os.environ) | {
         "DOSEWATCH_KAFKA_BOOTSTRAP": kafka_bootstrap,
@@ -104,10 +100,10 @@ def test_kill9_and_restart(
             await producer.start()
             out = BatchProducer(producer)
             try:
-                chunks = [lines[i : i + 1500] for i in range(0, len(lines), 1500)]
+                records = keyed(expected.lines)
+                chunks = [records[i : i + 1500] for i in range(0, len(records), 1500)]
                 for n, chunk in enumerate(chunks):
-                    keyed = ((json.loads(x)["unit_id"].encode(), x) for x in chunk)
-                    await out.send(topic_prefix + "avl.pings.raw", keyed)
+                    await out.send(topic_prefix + "avl.pings.raw", chunk)
                     await asyncio.sleep(0.3)
                     if n in (3, 7):  # twice, mid-stream, whatever it was doing
                         procs[victim].kill9()
@@ -116,15 +112,15 @@ def test_kill9_and_restart(
                 await producer.stop()
 
         asyncio.run(feed())
-        got_visits, got_periods, audit = asyncio.run(_results(database_url, len(visits)))
+        got_visits, got_periods, audit = asyncio.run(_results(database_url, len(expected.visits)))
     finally:
         for p in procs.values():
             p.stop()
 
-    assert sorted(got_visits, key=lambda r: (r["started_at"], r["unit_id"], r["zone_id"])) == visits
-    assert sorted(got_periods, key=lambda r: (r["zone_id"], r["period_start"])) == periods
+    assert db_visits(got_visits) == expected.visits
+    assert db_periods(got_periods) == expected.periods
     ended = [a for a in audit if a["type"] == "dosewatch.visit.ended"]
-    assert len(ended) == len(visits)  # each visit's end recorded once, despite the repeats
+    assert len(ended) == len(expected.visits)  # each visit's end recorded once, despite the repeats
 
 
 async def _results(url: str, want: int) -> tuple[list[Any], list[Any], list[Any]]:
@@ -134,19 +130,8 @@ async def _results(url: str, want: int) -> tuple[list[Any], list[Any], list[Any]
             while await conn.fetchval("SELECT count(*) FROM visits") < want:
                 await asyncio.sleep(0.3)
         await asyncio.sleep(2.0)  # let the last periods and audit rows land
-        visits = [
-            {"unit_id": r["unit_id"], "zone_id": r["zone_id"], "started_at": ts(r["started_at"]),
-             "ended_at": ts(r["ended_at"]), "duration_s": r["duration_s"],
-             "end_reason": r["end_reason"], "qualified": r["qualified"],
-             "target_met": r["target_met"], "overstay": r["overstay"]}
-            for r in await conn.fetch("SELECT * FROM visits")
-        ]  # fmt: skip
-        periods = [
-            {"zone_id": r["zone_id"], "period_start": ts(r["period_start"]),
-             "period_end": ts(r["period_end"]), "presence_s": r["presence_s"],
-             "officer_s": r["officer_s"], "visits": r["visits"], "dosed_visits": r["dosed_visits"]}
-            for r in await conn.fetch("SELECT * FROM zone_periods")
-        ]  # fmt: skip
+        visits = list(await conn.fetch("SELECT * FROM visits"))
+        periods = list(await conn.fetch("SELECT * FROM zone_periods"))
         audit = [
             json.loads(r["event"]) for r in await conn.fetch("SELECT event::text FROM audit_log")
         ]

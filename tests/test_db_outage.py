@@ -4,7 +4,6 @@ with exactly replay's visits. Nothing lost, nothing crashed."""
 from __future__ import annotations
 
 import asyncio
-import json
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -12,7 +11,6 @@ from typing import Any
 import asyncpg
 from aiokafka import AIOKafkaProducer
 
-from dosewatch.cli import main as cli
 from services.common import db
 from services.common.embedded import EmbeddedPostgres, free_port
 from services.common.kafka import BatchProducer
@@ -20,20 +18,11 @@ from services.common.metrics import DB_RETRIES
 from services.dosage.service import DosageService, DosageSettings
 from services.geofence.service import GeofenceService, GeofenceSettings
 from services.ingest.service import IngestService, IngestSettings
-from tests.pipeline_helpers import SAMPLE, flush_fixes, ping_bytes, prepare_database, sample_fixes
-from tests.test_pipeline import TZ, ts
+from tests.pipeline_helpers import TZ, db_visits, keyed, prepare_database, replay_expected
 
 
 def test_database_outage(kafka_bootstrap: str, topic_prefix: str, tmp_path: Path) -> None:
-    fixes = sample_fixes()
-    lines = (SAMPLE / "pings.jsonl").read_bytes().splitlines()
-    lines += [ping_bytes(f) for f in flush_fixes(max(f.ts for f in fixes), 4)]
-    pings = tmp_path / "pings.jsonl"
-    pings.write_bytes(b"\n".join(lines) + b"\n")
-    out = tmp_path / "replay"
-    assert cli(["replay", "--zones", str(SAMPLE / "zones.geojson"), "--pings", str(pings),
-                "--out", str(out), "--tz", TZ["tz"], "--shifts", TZ["shifts"]]) == 0  # fmt: skip
-    visits = [json.loads(x) for x in (out / "visits.jsonl").read_text().splitlines()]
+    expected = replay_expected(tmp_path)
 
     async def scenario() -> list[dict[str, Any]]:
         root = Path(tempfile.mkdtemp(prefix="dosewatch-outage-"))
@@ -61,19 +50,19 @@ def test_database_outage(kafka_bootstrap: str, topic_prefix: str, tmp_path: Path
         sender = BatchProducer(producer)
         retries_before = sum(DB_RETRIES.labels(n)._value.get() for n in ("geofence", "dosage"))
         try:
-            half = len(lines) // 2
-            keyed = [(json.loads(x)["unit_id"].encode(), x) for x in lines]
-            await sender.send(ingest.settings.topic_raw, keyed[:half])
+            records = keyed(expected.lines)
+            half = len(records) // 2
+            await sender.send(ingest.settings.topic_raw, records[:half])
             await asyncio.sleep(1.0)
             await server.stop()  # the database goes away...
-            await sender.send(ingest.settings.topic_raw, keyed[half:])
+            await sender.send(ingest.settings.topic_raw, records[half:])
             await asyncio.sleep(3.0)
             assert all(not t.done() for t in tasks)  # ...and nobody crashed
             await server.start()  # ...and comes back
             conn = await asyncpg.connect(url)
             try:
                 async with asyncio.timeout(90):
-                    while await conn.fetchval("SELECT count(*) FROM visits") < len(visits):
+                    while await conn.fetchval("SELECT count(*) FROM visits") < len(expected.visits):
                         await asyncio.sleep(0.2)
                 await asyncio.sleep(1.0)
                 rows = await conn.fetch("SELECT * FROM visits")
@@ -88,13 +77,7 @@ def test_database_outage(kafka_bootstrap: str, topic_prefix: str, tmp_path: Path
             await server.stop()
         retries = sum(DB_RETRIES.labels(n)._value.get() for n in ("geofence", "dosage"))
         assert retries > retries_before  # it really was away while they worked
-        return [
-            {"unit_id": r["unit_id"], "zone_id": r["zone_id"], "started_at": ts(r["started_at"]),
-             "ended_at": ts(r["ended_at"]), "duration_s": r["duration_s"],
-             "end_reason": r["end_reason"], "qualified": r["qualified"],
-             "target_met": r["target_met"], "overstay": r["overstay"]}
-            for r in rows
-        ]  # fmt: skip
+        return db_visits(list(rows))
 
     got = asyncio.run(scenario())
-    assert sorted(got, key=lambda r: (r["started_at"], r["unit_id"], r["zone_id"])) == visits
+    assert got == expected.visits

@@ -4,27 +4,24 @@ raw pings -> ingest -> geofence -> dosage -> visits, zone periods and the audit 
 from __future__ import annotations
 
 import asyncio
-import json
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import asyncpg
 from aiokafka import AIOKafkaProducer
 
-from dosewatch.cli import main as cli
-from schemas.timefmt import format_ts
 from services.common.kafka import BatchProducer
 from services.dosage.service import DosageService, DosageSettings
 from services.geofence.service import GeofenceService, GeofenceSettings
 from services.ingest.service import IngestService, IngestSettings
-from tests.pipeline_helpers import SAMPLE, flush_fixes, ping_bytes, prepare_database, sample_fixes
-
-TZ = {"tz": "America/New_York", "shifts": "07:00,15:00,23:00"}
-
-
-def ts(value: datetime) -> str:
-    return format_ts(round(value.timestamp() * 1000))
+from tests.pipeline_helpers import (
+    TZ,
+    db_periods,
+    db_visits,
+    keyed,
+    prepare_database,
+    replay_expected,
+)
 
 
 async def wait_for(pool: asyncpg.Pool, sql: str, want: int, timeout_s: float = 90) -> None:
@@ -38,18 +35,8 @@ def test_pipeline_equals_replay(
 ) -> None:
     common: dict[str, Any] = {"kafka_bootstrap": kafka_bootstrap, "database_url": database_url,
                               "topic_prefix": topic_prefix, **TZ}  # fmt: skip
-    raw_lines = (SAMPLE / "pings.jsonl").read_bytes().splitlines()
-    fixes = sample_fixes()
-    flush = flush_fixes(max(f.ts for f in fixes), 4)
-    pings = tmp_path / "pings.jsonl"
-    pings.write_bytes(b"\n".join(raw_lines + [ping_bytes(f) for f in flush]) + b"\n")
-    out = tmp_path / "replay"
-    assert cli(["replay", "--zones", str(SAMPLE / "zones.geojson"), "--pings", str(pings),
-                "--out", str(out), "--tz", TZ["tz"], "--shifts", TZ["shifts"]]) == 0  # fmt: skip
-    visits = [json.loads(x) for x in (out / "visits.jsonl").read_text().splitlines()]
-    periods = [json.loads(x) for x in (out / "zone_periods.jsonl").read_text().splitlines()]
-    events = [json.loads(x) for x in (out / "events.jsonl").read_text().splitlines()]
-    visit_event_ids = {e["id"] for e in events if e["type"].startswith("dosewatch.visit.")}
+    expected = replay_expected(tmp_path)
+    visit_event_ids = {e["id"] for e in expected.events if e["type"].startswith("dosewatch.visit.")}
 
     async def scenario() -> tuple[list[Any], list[Any], set[str]]:
         await prepare_database(database_url)
@@ -66,15 +53,9 @@ def test_pipeline_equals_replay(
         await producer.start()
         pool = await asyncpg.create_pool(database_url, min_size=1, max_size=2)
         try:
-            # Raw input as gateways send it: unkeyed, so units spread over partitions, but a
-            # unit's pings stay in order only if they share one; key by unit, like a gateway.
-            lines = pings.read_bytes().splitlines()
-            await BatchProducer(producer).send(
-                ingest.settings.topic_raw,
-                ((json.loads(x)["unit_id"].encode(), x) for x in lines),
-            )
-            await wait_for(pool, "SELECT count(*) FROM visits", len(visits))
-            await wait_for(pool, "SELECT count(*) FROM zone_periods", len(periods))
+            await BatchProducer(producer).send(ingest.settings.topic_raw, keyed(expected.lines))
+            await wait_for(pool, "SELECT count(*) FROM visits", len(expected.visits))
+            await wait_for(pool, "SELECT count(*) FROM zone_periods", len(expected.periods))
             await asyncio.sleep(1.0)  # anything extra would show up now
             got_visits = await pool.fetch("SELECT * FROM visits")
             got_periods = await pool.fetch("SELECT * FROM zone_periods")
@@ -89,25 +70,6 @@ def test_pipeline_equals_replay(
         return list(got_visits), list(got_periods), audit
 
     got_visits, got_periods, audit = asyncio.run(scenario())
-    rows = sorted(
-        (
-            {"unit_id": r["unit_id"], "zone_id": r["zone_id"], "started_at": ts(r["started_at"]),
-             "ended_at": ts(r["ended_at"]), "duration_s": r["duration_s"],
-             "end_reason": r["end_reason"], "qualified": r["qualified"],
-             "target_met": r["target_met"], "overstay": r["overstay"]}
-            for r in got_visits
-        ),
-        key=lambda r: (r["started_at"], r["unit_id"], r["zone_id"]),
-    )  # fmt: skip
-    assert rows == visits
-    prow = sorted(
-        (
-            {"zone_id": r["zone_id"], "period_start": ts(r["period_start"]),
-             "period_end": ts(r["period_end"]), "presence_s": r["presence_s"],
-             "officer_s": r["officer_s"], "visits": r["visits"], "dosed_visits": r["dosed_visits"]}
-            for r in got_periods
-        ),
-        key=lambda r: (r["zone_id"], r["period_start"]),
-    )  # fmt: skip
-    assert prow == periods
+    assert db_visits(got_visits) == expected.visits
+    assert db_periods(got_periods) == expected.periods
     assert visit_event_ids <= audit

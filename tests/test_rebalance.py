@@ -4,20 +4,17 @@ over through PostgreSQL without losing or double-counting anything."""
 from __future__ import annotations
 
 import asyncio
-import json
 from pathlib import Path
 from typing import Any
 
 import asyncpg
 from aiokafka import AIOKafkaProducer
 
-from dosewatch.cli import main as cli
 from services.common.kafka import BatchProducer
 from services.dosage.service import DosageService, DosageSettings
 from services.geofence.service import GeofenceService, GeofenceSettings
 from services.ingest.service import IngestService, IngestSettings
-from tests.pipeline_helpers import SAMPLE, flush_fixes, ping_bytes, prepare_database, sample_fixes
-from tests.test_pipeline import TZ, ts
+from tests.pipeline_helpers import TZ, db_visits, keyed, prepare_database, replay_expected
 
 
 def test_two_geofence_instances_and_a_rebalance(
@@ -25,15 +22,8 @@ def test_two_geofence_instances_and_a_rebalance(
 ) -> None:
     common: dict[str, Any] = {"kafka_bootstrap": kafka_bootstrap, "database_url": database_url,
                               "topic_prefix": topic_prefix, **TZ}  # fmt: skip
-    fixes = sample_fixes()
-    lines = (SAMPLE / "pings.jsonl").read_bytes().splitlines()
-    lines += [ping_bytes(f) for f in flush_fixes(max(f.ts for f in fixes), 4)]
-    pings = tmp_path / "pings.jsonl"
-    pings.write_bytes(b"\n".join(lines) + b"\n")
-    out = tmp_path / "replay"
-    assert cli(["replay", "--zones", str(SAMPLE / "zones.geojson"), "--pings", str(pings),
-                "--out", str(out), "--tz", TZ["tz"], "--shifts", TZ["shifts"]]) == 0  # fmt: skip
-    visits = [json.loads(x) for x in (out / "visits.jsonl").read_text().splitlines()]
+    expected = replay_expected(tmp_path)
+    lines = keyed(expected.lines)
 
     async def scenario() -> tuple[list[dict[str, Any]], list[set[int]]]:
         await prepare_database(database_url)
@@ -51,9 +41,8 @@ def test_two_geofence_instances_and_a_rebalance(
         splits: list[set[int]] = []
         pool = await asyncpg.create_pool(database_url, min_size=1, max_size=2)
 
-        async def send(chunk: list[bytes]) -> None:
-            keyed = ((json.loads(x)["unit_id"].encode(), x) for x in chunk)
-            await out.send(ingest.settings.topic_raw, keyed)
+        async def send(chunk: list[tuple[bytes, bytes]]) -> None:
+            await out.send(ingest.settings.topic_raw, chunk)
 
         try:
             third = len(lines) // 3
@@ -73,7 +62,7 @@ def test_two_geofence_instances_and_a_rebalance(
             await geo_a.stop()  # leaves the group: b takes everything over
             await send(lines[2 * third :])
             async with asyncio.timeout(90):
-                while await pool.fetchval("SELECT count(*) FROM visits") < len(visits):
+                while await pool.fetchval("SELECT count(*) FROM visits") < len(expected.visits):
                     await asyncio.sleep(0.2)
             await asyncio.sleep(1.0)
             splits.append(set(geo_b.trackers))
@@ -84,17 +73,11 @@ def test_two_geofence_instances_and_a_rebalance(
             for s, t in tasks.items():
                 t.cancel()
                 await s.stop()
-        got = [
-            {"unit_id": r["unit_id"], "zone_id": r["zone_id"], "started_at": ts(r["started_at"]),
-             "ended_at": ts(r["ended_at"]), "duration_s": r["duration_s"],
-             "end_reason": r["end_reason"], "qualified": r["qualified"],
-             "target_met": r["target_met"], "overstay": r["overstay"]}
-            for r in rows
-        ]  # fmt: skip
+        got = db_visits(list(rows))
         return got, splits
 
     got, splits = asyncio.run(scenario())
     a_share, b_share, b_after = splits
     assert a_share and b_share and not a_share & b_share  # the group split the partitions
     assert b_after == {0, 1, 2, 3}  # and b took all of them over when a left
-    assert sorted(got, key=lambda r: (r["started_at"], r["unit_id"], r["zone_id"])) == visits
+    assert got == expected.visits
