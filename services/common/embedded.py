@@ -70,6 +70,7 @@ class EmbeddedKafka:
             "--storage-engine", "memory://tansu/",
             stdout=out, stderr=subprocess.STDOUT,
             preexec_fn=_die_with_parent(signal.SIGTERM),
+            start_new_session=True,  # Ctrl-C reaches dosewatch, which stops it in order
         )  # fmt: skip
         deadline = time.monotonic() + timeout_s
         while True:
@@ -145,6 +146,7 @@ class EmbeddedPostgres:
             "-p", str(self.port), "-k", str(self.data_dir), "-c", "fsync=off",
             stdout=log, stderr=subprocess.STDOUT, user=self._user,
             preexec_fn=_die_with_parent(signal.SIGINT),
+            start_new_session=True,  # Ctrl-C reaches dosewatch, which stops it in order
         )  # fmt: skip
         deadline = time.monotonic() + timeout_s
         while True:

@@ -1,0 +1,95 @@
+"""`dosewatch up`: one command brings the stack up, says `ready`, and leaves no process behind,
+whether it is stopped with Ctrl-C or killed with SIGKILL."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from services.common.embedded import free_port
+
+
+def children(pid: int) -> set[int]:
+    """Direct children, from /proc (the embedded broker and PostgreSQL)."""
+    out = set()
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            out.add(int(stat.parent.name))
+    return out
+
+
+def alive(pids: set[int]) -> set[int]:
+    living = set()
+    for pid in pids:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if state != "Z":
+            living.add(pid)
+    return living
+
+
+def start_up(state: Path) -> tuple[subprocess.Popen[str], list[str]]:
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("DOSEWATCH_KAFKA_BOOTSTRAP", "DOSEWATCH_DATABASE_URL")}  # fmt: skip
+    env |= {"DOSEWATCH_EMBEDDED_KAFKA_PORT": str(free_port()), "DOSEWATCH_LOG_LEVEL": "WARNING"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "dosewatch.cli", "up", "--state-dir", str(state)],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    lines: list[str] = []
+    deadline = time.monotonic() + 60
+    assert proc.stdout is not None
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        lines.append(line)
+        if "ready" in line and line.startswith("dosewatch ready"):
+            return proc, lines
+    proc.kill()
+    raise AssertionError("".join(lines))
+
+
+@pytest.fixture
+def state_dir() -> Path:
+    root = Path(tempfile.mkdtemp(prefix="dosewatch-up-"))
+    root.chmod(0o755)
+    return root / "state"
+
+
+def test_up_ready_then_ctrl_c_stops_everything(state_dir: Path) -> None:
+    proc, lines = start_up(state_dir)
+    kids = children(proc.pid)
+    assert len(alive(kids)) >= 2  # the broker and PostgreSQL
+    assert "ingest http://" in lines[-1] and "dosage http://" in lines[-1]
+    proc.send_signal(signal.SIGINT)
+    rest, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 0
+    assert "dosewatch stopped" in rest
+    assert not alive(kids)
+    assert (state_dir / "pgdata" / "PG_VERSION").exists()  # the data stays for next time
+
+
+def test_kill_9_leaves_no_orphans(state_dir: Path) -> None:
+    proc, _ = start_up(state_dir)
+    kids = alive(children(proc.pid))
+    assert kids
+    proc.kill()
+    proc.wait()
+    deadline = time.monotonic() + 10
+    while alive(kids) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not alive(kids)
