@@ -28,7 +28,7 @@ def test_oversized_message_is_refused_and_kept_truncated() -> None:
     raw = orjson.dumps([PING] * 20_000)
     ok, bad = normalise_message(raw, Limits(NOW, max_message_bytes=100_000))
     assert ok == [] and "over the limit" in bad[0].errors[0].reason
-    letter = orjson.loads(dead_letter(raw, bad[0], {"topic": "t", "partition": 0, "offset": 9}))
+    letter = orjson.loads(dead_letter(raw, bad, {"topic": "t", "partition": 0, "offset": 9}))
     assert letter["original_bytes"] == len(raw)
     assert raw.startswith(base64.b64decode(letter["original_b64"]))
     assert len(base64.b64decode(letter["original_b64"])) < len(raw)
@@ -62,3 +62,12 @@ def test_osmand_units_and_times() -> None:
     assert ok[0].ping.speed_mps == pytest.approx(5.14444)
     ok, bad = from_osmand({"id": "car-2", "lat": "x", "lon": "-74"}, Limits(NOW))
     assert ok == [] and bad[0].errors[0].field == "lat"
+
+
+def test_a_huge_array_of_bad_pings_is_one_bounded_letter() -> None:
+    raw = orjson.dumps([{}] * 300_000)
+    ok, bad = normalise_message(raw, Limits(NOW, max_message_bytes=10_000_000))
+    assert ok == [] and len(bad) == 300_000
+    letter = orjson.loads(dead_letter(raw, bad, {"topic": "t", "partition": 0, "offset": 1}))
+    assert letter["rejected_count"] == 300_000 and len(letter["rejected"]) == 1000
+    assert len(orjson.dumps(letter)) < 2_000_000

@@ -65,15 +65,22 @@ def test_kafka_intake_normalises_and_dead_letters(kafka_bootstrap: str, topic_pr
         ]
         assert {r.key for r in pings} == {b"car-1"}
         assert len({r.partition for r in pings}) == 1  # one unit, one partition, in order
-        letters = sorted((orjson.loads(r.value) for r in dead), key=lambda d: d["index"] or -1)
-        assert letters[0]["errors"][0]["reason"].startswith("invalid JSON")
+        letters = sorted(
+            (orjson.loads(r.value) for r in dead), key=lambda d: d["rejected"][0]["index"] or -1
+        )
+        assert letters[0]["rejected"][0]["errors"][0]["reason"].startswith("invalid JSON")
         assert base64.b64decode(letters[0]["original_b64"]) == b"\xff not json"
         assert letters[0]["source"] == {
             "topic": raw,
             "partition": poison.partition,
             "offset": poison.offset,
         }
-        assert letters[1]["index"] == 1 and letters[1]["errors"][0]["field"] == "lat"
+        assert letters[1]["rejected"] == [
+            {
+                "index": 1,
+                "errors": [{"field": "lat", "reason": "Input should be less than or equal to 90"}],
+            }
+        ]
 
     asyncio.run(scenario())
 

@@ -501,14 +501,41 @@ def test_watchdog_fires_on_the_ping_that_passes_the_horizon() -> None:
 def test_watchdog_through_advance() -> None:
     tracker = make_tracker()
     tracker.process([P("u1", 0, "A").fix(), P("u1", 30, "A").fix()])
-    assert tracker.advance(T0 + 150_000) == []
-    assert tracker.advance(T0 + 100_000) == []  # the clock never goes back
-    assert tracker.clock == T0 + 150_000
+    assert tracker.advance(T0 + 150_000) == []  # exactly max_gap past: not yet
+    assert tracker.advance(T0 + 100_000) == []
     events = tracker.advance(T0 + 150_001)
-    assert [(e.unit_id, e.end_reason, e.started_at, e.last_in) for e in events] == [
-        ("u1", LOST, T0, T0 + 30_000)
+    assert [(e.unit_id, e.end_reason, e.started_at, e.last_in, e.time) for e in events] == [
+        ("u1", LOST, T0, T0 + 30_000, T0 + 150_001)
     ]
     assert tracker.advance(T0 + 999_999) == []
+    # The live clock judged the watchdog; the data clock is still the newest ping.
+    assert tracker.clock == T0 + 30_000
+
+
+def test_backlog_after_a_stall_is_judged_by_its_own_times() -> None:
+    """Wall time moved the live clock on while nothing arrived; the backlog then arrives
+    with its original, older times, and its visits are not closed for being behind."""
+    tracker = make_tracker()
+    tracker.process([P("u1", 0, "A").fix()])
+    tracker.advance(T0 + 400_000)  # a stall: u1's visit closes, signal lost
+    events = tracker.process([P("u2", 10, "B").fix(), P("u2", 40, "B").fix()])
+    assert [e.kind.value for e in events] == ["started"]
+    assert tracker.units["u2"].open  # not closed as "behind the clock"
+
+
+def test_restored_visit_in_a_deleted_zone_closes_instead_of_crashing() -> None:
+    tracker = make_tracker()
+    tracker.process([P("u1", 0, "A").fix(), P("u1", 20, "A").fix()])
+    saved = tracker.export_unit("u1")
+    params = DosageParams()
+    restored = VisitTracker(ZoneIndex(zones(A=None), params), params)
+    restored.restore_meta(tracker.export_meta())
+    restored.restore_unit("u1", saved)
+    events = restored.reconcile()
+    assert [(e.zone_id, e.end_reason, e.last_in) for e in events] == [
+        ("A", EndReason.ZONE_CHANGED, T0 + 20_000)
+    ]
+    assert restored.process([P("u1", 30, "far").fix()]) == []
 
 
 LAGGING = [P("u2", 200, "far"), P("u1", 0, "A"), P("u1", 60, "A")]

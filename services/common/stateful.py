@@ -65,6 +65,7 @@ class StatefulService(abc.ABC):
         # Held while a batch is applied; a rebalance takes it and waits for the saves in flight.
         self.lock = asyncio.Lock()
         self._saving: asyncio.Task[None] | None = None
+        self._stepping: asyncio.Task[float] | None = None
         self.commit_interval_s = settings.commit_interval_ms / 1000
         self._pending_outputs: list[Any] = []
         self._pending_offsets: dict[int, int] = {}
@@ -78,6 +79,14 @@ class StatefulService(abc.ABC):
 
     @abc.abstractmethod
     def drop_partition(self, partition: int) -> None: ...
+
+    @abc.abstractmethod
+    def partition_clock(self, partition: int) -> int | None:
+        """The restored stream clock: wall time runs on from it until records arrive."""
+
+    async def on_assign(self) -> None:
+        """Refresh what partition state depends on (zones, rules) before restoring it."""
+        return None
 
     @abc.abstractmethod
     def process(
@@ -126,6 +135,8 @@ class StatefulService(abc.ABC):
     async def stop_clients(self) -> None:
         self.ready = False
         with contextlib.suppress(Exception, asyncio.CancelledError):
+            if self._stepping is not None:
+                await asyncio.wait_for(self._stepping, 10)
             await asyncio.wait_for(self.flush(), 10)
         if self.consumer is not None:
             await self.consumer.stop()
@@ -155,10 +166,11 @@ class StatefulService(abc.ABC):
                     out[p] = (offset, {r["key"]: orjson.loads(r["value"]) for r in rows})
                 return out
 
+        await self.on_assign()
         loaded = await db.retrying(load, "load state", on_retry=self._retried)
         for p, (offset, rows) in loaded.items():
             self.restore_partition(p, rows)
-            self.partitions[p] = (None, time.monotonic())
+            self.partitions[p] = (self.partition_clock(p), time.monotonic())
             tp = TopicPartition(self.topic, p)
             if offset is None:
                 await self.consumer.seek_to_beginning(tp)
@@ -175,8 +187,16 @@ class StatefulService(abc.ABC):
                 min(self.tick_s, self.commit_interval_s) if self._pending_offsets else self.tick_s
             )
             batches = await consumer.getmany(timeout_ms=max(1, int(wait_s * 1000)))
-            async with self.lock:
-                next_tick = await self._step(batches, next_tick)
+            # Shielded: a stop waits for the batch (see stop_clients) instead of cutting it
+            # between changing state and queueing its offsets.
+            self._stepping = asyncio.create_task(self._locked_step(batches, next_tick))
+            next_tick = await asyncio.shield(self._stepping)
+
+    async def _locked_step(
+        self, batches: dict[TopicPartition, list[ConsumerRecord]], next_tick: float
+    ) -> float:
+        async with self.lock:
+            return await self._step(batches, next_tick)
 
     async def _step(
         self, batches: dict[TopicPartition, list[ConsumerRecord]], next_tick: float

@@ -25,13 +25,13 @@ async def refresh_zone_periods(
     target_ms: int,
     calendar: ShiftCalendar,
 ) -> None:
-    """Recompute the rows of the shifts a new qualified visit [start, end] touches.
+    """Recompute the rows a new qualified visit [start, end] can change.
 
-    A row depends on whole presence periods (their starts and full lengths), so the window
-    grows until no chain of touching visits crosses its edges."""
-    shift_lo = calendar.shift_of(start_ms)[0]
-    shift_hi = calendar.shift_of(end_ms)[1]
-    lo, hi = shift_lo, shift_hi
+    A row depends on whole presence periods (their starts and full lengths), and a new visit
+    can join periods into one that reaches into other shifts. So the window grows, in whole
+    shifts, until no chain of touching visits crosses its edges; every row in it is rewritten."""
+    lo = calendar.shift_of(start_ms)[0]
+    hi = calendar.shift_of(end_ms)[1]
     while True:
         rows = await conn.fetch(
             "SELECT started_at, ended_at FROM visits WHERE zone_id = $1 AND qualified "
@@ -40,19 +40,19 @@ async def refresh_zone_periods(
         )  # fmt: skip
         intervals = [(_ms(r["started_at"]), _ms(r["ended_at"])) for r in rows]
         merged = merge_intervals(intervals)
-        new_lo = min([lo, *(s for s, _ in merged)])
-        new_hi = max([hi, *(e for _, e in merged)])
+        new_lo = min([lo, *(calendar.shift_of(s)[0] for s, _ in merged[:1])])
+        new_hi = max([hi, *(calendar.shift_of(e)[1] for _, e in merged[-1:])])
         if (new_lo, new_hi) == (lo, hi):
             break
         lo, hi = new_lo, new_hi
     periods = [
         p
         for p in zone_periods(zone_id, intervals, target_ms, calendar)
-        if shift_lo <= p.period_start < shift_hi
+        if lo <= p.period_start < hi
     ]
     await conn.execute(
         "DELETE FROM zone_periods WHERE zone_id = $1 AND period_start >= $2 AND period_start < $3",
-        zone_id, _dt(shift_lo), _dt(shift_hi),
+        zone_id, _dt(lo), _dt(hi),
     )  # fmt: skip
     await conn.executemany(
         "INSERT INTO zone_periods (zone_id, period_start, period_end, presence_s, officer_s, "

@@ -17,7 +17,7 @@ import orjson
 from aiokafka import ConsumerRecord
 
 from schemas.timefmt import parse_ts
-from services.common import kafka
+from services.common import db, kafka
 from services.common.http import HttpServer, probe_app
 from services.common.metrics import EVENTS_OUT, LATENCY
 from services.common.runner import run_service
@@ -76,12 +76,7 @@ class DosageService(StatefulService):
             s, {s.topic_visits: {}, s.topic_status: kafka.COMPACTED, s.topic_audit: {}}
         )
         await self.open_database()
-        assert self.pool is not None
-        async with self.pool.acquire() as conn:
-            for z in await load_zones(conn):
-                self.rules[z.spec.zone_id] = s.dosage.rules_for(
-                    z.spec.target_s, z.spec.min_visit_s, z.spec.max_visit_s
-                )
+        await self._load_rules()
         await self.start_kafka()
         await self.http.start()
         self.ready = True
@@ -94,6 +89,26 @@ class DosageService(StatefulService):
 
     # -- partitions --------------------------------------------------------------------------
 
+    async def _load_rules(self) -> None:
+        assert self.pool is not None
+        pool = self.pool
+
+        async def load() -> list[Any]:
+            async with pool.acquire() as conn:
+                return await load_zones(conn)
+
+        stored = await db.retrying(load, "load zones", on_retry=self._retried)
+        defaults = self.settings.dosage
+        self.rules = {
+            z.spec.zone_id: defaults.rules_for(
+                z.spec.target_s, z.spec.min_visit_s, z.spec.max_visit_s
+            )
+            for z in stored
+        }
+        for board in self.boards.values():
+            for zone_id, rules in self.rules.items():
+                board.upsert_zone(zone_id, rules)
+
     def restore_partition(self, partition: int, rows: dict[str, Any]) -> None:
         board = ZoneBoard(dict(self.rules), self.settings.dosage, self.calendar)
         board.restore_meta(rows.get(META, {}))
@@ -105,6 +120,14 @@ class DosageService(StatefulService):
 
     def drop_partition(self, partition: int) -> None:
         self.boards.pop(partition, None)
+
+    def partition_clock(self, partition: int) -> int | None:
+        return self.boards[partition].clock
+
+    async def on_assign(self) -> None:
+        # Another instance may have seen the zone changes for partitions that move here now.
+        assert self.pool is not None
+        await self._load_rules()
 
     def process(
         self, partition: int, records: list[ConsumerRecord]

@@ -50,6 +50,8 @@ class GeofenceService(StatefulService):
         self.index = ZoneIndex([], settings.dosage)
         self.versions: dict[str, int] = {}
         self.trackers: dict[int, VisitTracker] = {}
+        self._backlog: list[Any] = []  # outputs from restoring, sent with the next batch
+        self._zone_task: asyncio.Task[None] | None = None
         self._zones_changed = asyncio.Event()
         self._listen_conn: asyncpg.Connection | None = None
         self.http = HttpServer(probe_app(self.name, lambda: self.ready), settings.http_host,
@@ -70,6 +72,9 @@ class GeofenceService(StatefulService):
     async def stop(self) -> None:
         self.ready = False
         await self.http.stop()
+        if self._zone_task is not None:
+            with contextlib.suppress(Exception, asyncio.CancelledError):
+                await asyncio.wait_for(self._zone_task, 10)
         if self._listen_conn is not None and self.pool is not None:
             with contextlib.suppress(Exception):  # it may have died with the database
                 await self._listen_conn.remove_listener(CHANNEL, self._on_notify)
@@ -132,15 +137,20 @@ class GeofenceService(StatefulService):
                 continue
             self._zones_changed.clear()
             changed = await db.retrying(self._load_zones, "load zones", on_retry=self._retried)
-            async with self.lock:
-                events: list[VisitEvent] = []
-                for tracker in self.trackers.values():
-                    events.extend(tracker.replace_index(self.index))
-                outputs: list[Any] = [visit_cloudevent(e, self.gsettings.source) for e in events]
-                outputs += [self._zone_changed(c) for c in changed]
-                await self.publish(outputs)
-                await self.save(outputs, {})
-            log.info("zones reloaded", extra={"zones": len(self.index), "changed": len(changed)})
+            # Shielded like a batch: a stop waits for it rather than cutting it mid-publish.
+            self._zone_task = asyncio.create_task(self._apply_zone_change(changed))
+            await asyncio.shield(self._zone_task)
+
+    async def _apply_zone_change(self, changed: list[dict[str, Any]]) -> None:
+        async with self.lock:
+            events: list[VisitEvent] = []
+            for tracker in self.trackers.values():
+                events.extend(tracker.replace_index(self.index))
+            outputs: list[Any] = [visit_cloudevent(e, self.gsettings.source) for e in events]
+            outputs += [self._zone_changed(c) for c in changed]
+            await self.publish(outputs)
+            await self.save(outputs, {})
+        log.info("zones reloaded", extra={"zones": len(self.index), "changed": len(changed)})
 
     def _zone_changed(self, change: dict[str, Any]) -> dict[str, Any]:
         zid = change["zone_id"]
@@ -171,14 +181,22 @@ class GeofenceService(StatefulService):
             else:
                 tracker.restore_unit(key, value)
         self.trackers[partition] = tracker
+        # Visits in zones deleted while this partition was unowned end now, not crash later.
+        self._backlog.extend(
+            visit_cloudevent(e, self.gsettings.source) for e in tracker.reconcile()
+        )
 
     def drop_partition(self, partition: int) -> None:
         self.trackers.pop(partition, None)
+
+    def partition_clock(self, partition: int) -> int | None:
+        return self.trackers[partition].clock
 
     def process(
         self, partition: int, records: list[ConsumerRecord]
     ) -> tuple[list[Any], int | None]:
         tracker = self.trackers[partition]
+        backlog, self._backlog = self._backlog, []
         fixes: list[Fix] = []
         for record in records:
             try:
@@ -196,11 +214,12 @@ class GeofenceService(StatefulService):
             now = time.time()
             LATENCY.labels(self.name).observe(max(0.0, now - fixes[-1].ts / 1000))
         newest = max((f.ts for f in fixes), default=None)
-        return [visit_cloudevent(e, self.gsettings.source) for e in events], newest
+        return backlog + [visit_cloudevent(e, self.gsettings.source) for e in events], newest
 
     def tick(self, partition: int, clock: int) -> list[Any]:
+        backlog, self._backlog = self._backlog, []
         events = self.trackers[partition].advance(clock)
-        return [visit_cloudevent(e, self.gsettings.source) for e in events]
+        return backlog + [visit_cloudevent(e, self.gsettings.source) for e in events]
 
     def dirty_state(self, partition: int) -> dict[str, Any]:
         tracker = self.trackers.get(partition)

@@ -91,7 +91,8 @@ class IngestService:
                     accepted.extend(ok)
                     source = {"topic": tp.topic, "partition": tp.partition,
                               "offset": record.offset}  # fmt: skip
-                    dead.extend(dead_letter(record.value or b"", r, source) for r in bad)
+                    if bad:
+                        dead.append(dead_letter(record.value or b"", bad, source))
                     self._count(ok, bad, "kafka")
                 hw = consumer.highwater(tp)
                 if hw is not None:
@@ -134,6 +135,9 @@ class IngestService:
 
         @app.post("/v1/pings")
         async def post_pings(request: Request) -> JSONResponse:
+            declared = request.headers.get("content-length", "")
+            if declared.isdigit() and int(declared) > self.settings.max_body_bytes:
+                return _problem(413, f"body over {self.settings.max_body_bytes} bytes")
             body = await request.body()
             if len(body) > self.settings.max_body_bytes:
                 return _problem(413, f"body over {self.settings.max_body_bytes} bytes")
@@ -152,7 +156,7 @@ class IngestService:
                 form = await request.form()
                 params = {k: str(v) for k, v in form.items()}
             ok, bad = from_osmand(params, self._limits())
-            raw = str(request.url.query).encode() or b""
+            raw = str(request.url.query).encode() or await request.body()
             return await self._intake(ok, bad, raw, "osmand")
 
         return app
@@ -163,7 +167,7 @@ class IngestService:
         if not self.ready:
             return _problem(503, "not ready")
         self._count(ok, bad, source)
-        dead = [dead_letter(raw, r, {"http": source}) for r in bad]
+        dead = [dead_letter(raw, bad, {"http": source})] if bad else []
         await self._publish(ok, dead)
         rejected = [{"index": r.index, "errors": [e.model_dump() for e in r.errors]} for r in bad]
         status = 200 if ok or not bad else 422

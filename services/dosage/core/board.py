@@ -236,13 +236,14 @@ class ZoneBoard:
 
     def export_zone(self, zone_id: str) -> dict[str, Any]:
         z = self.zones[zone_id]
+        # Copies: the owner writes this snapshot while the next batch changes the live zone.
         return {
-            "present": z.present,
+            "present": dict(z.present),
             "occupied_since": z.occupied_since,
-            "qualified": z.qualified,
+            "qualified": [list(iv) for iv in z.qualified],
             "last_dosed_end": z.last_dosed_end,
             "status": str(z.status),
-            "stages": z.stages,
+            "stages": dict(z.stages),
         }
 
     def restore_zone(self, zone_id: str, data: dict[str, Any]) -> None:

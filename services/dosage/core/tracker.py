@@ -137,11 +137,25 @@ class VisitTracker:
         return out
 
     def advance(self, clock: int) -> list[VisitEvent]:
-        """Move the stream clock (live services add wall time since the last record)."""
+        """Run the watchdog at a live clock: the newest ping time plus the wall time since the
+        partition last delivered. It does not move the data clock, which stays the newest ping
+        time, so a backlog delivered after a stall is judged by its own times."""
         out: list[VisitEvent] = []
         if self.clock is None or clock > self.clock:
-            self.clock = clock
-            self._watchdog(out)
+            self._watchdog(out, clock)
+        return out
+
+    def reconcile(self) -> list[VisitEvent]:
+        """Close restored visits in zones the index no longer has (deleted while stopped)."""
+        out: list[VisitEvent] = []
+        clock = self.clock if self.clock is not None else 0
+        for unit_id in sorted(self.units):
+            unit = self.units[unit_id]
+            for zone_id in sorted(z for z in unit.open if z not in self.index.position):
+                self.dirty.add(unit_id)
+                visit = unit.open.pop(zone_id)
+                visit.close(EndReason.ZONE_CHANGED)
+                out.append(self._event(VisitEventKind.ENDED, clock, visit, self.index))
         return out
 
     def finish(self) -> list[VisitEvent]:
@@ -185,7 +199,7 @@ class VisitTracker:
         self.stats.valid += 1
         if self.clock is None or fix.ts > self.clock:
             self.clock = fix.ts
-            self._watchdog(out)
+            self._watchdog(out, fix.ts)
         unit = self.units.get(fix.unit_id)
         if unit is None:
             unit = self.units[fix.unit_id] = UnitState()
@@ -232,15 +246,14 @@ class VisitTracker:
             else:
                 heapq.heappush(self._watch, (ts, fix.unit_id))
 
-    def _watchdog(self, out: list[VisitEvent]) -> None:
-        assert self.clock is not None
-        horizon = self.clock - self._max_gap
+    def _watchdog(self, out: list[VisitEvent], clock: int) -> None:
+        horizon = clock - self._max_gap
         watch = self._watch
         while watch and watch[0][0] < horizon:
             ts, unit_id = heapq.heappop(watch)
             unit = self.units[unit_id]
             if unit.last_usable == ts and unit.open:
-                self._close_all(unit, EndReason.SIGNAL_LOST, self.clock, out)
+                self._close_all(unit, EndReason.SIGNAL_LOST, clock, out)
 
     def _close_all(
         self, unit: UnitState, reason: EndReason, at: int, out: list[VisitEvent]
@@ -260,7 +273,8 @@ class VisitTracker:
             zone_id=visit.zone_id,
             started_at=visit.started_at,
             last_in=visit.last_in,
-            rules=index.rules_by_id[visit.zone_id],
+            # A zone gone from the index is judged by the agency defaults.
+            rules=index.rules_by_id.get(visit.zone_id) or self.params.rules_for(),
             end_reason=visit.end_reason,
             clock=at if self.clock is None else max(at, self.clock),
         )

@@ -75,12 +75,16 @@ def normalise_value(value: Any, limits: Limits) -> tuple[list[Accepted], list[Re
     return accepted, rejected
 
 
-def dead_letter(raw: bytes, rejected: Rejected, source: Mapping[str, Any]) -> bytes:
-    """A DLQ record: the original bytes (verbatim, base64), every error, and where it came from."""
+def dead_letter(raw: bytes, rejected: list[Rejected], source: Mapping[str, Any]) -> bytes:
+    """One DLQ record per refused message, however many of its pings failed: the original
+    bytes (verbatim, base64), the errors of each failed ping by its index, and the source."""
     kept = raw[:_DLQ_ORIGINAL_MAX]
     doc: dict[str, Any] = {
-        "errors": [e.model_dump() for e in rejected.errors],
-        "index": rejected.index,
+        "rejected": [
+            {"index": r.index, "errors": [e.model_dump() for e in r.errors]}
+            for r in rejected[:_DLQ_REJECTED_MAX]
+        ],
+        "rejected_count": len(rejected),
         "source": dict(source),
         "original_b64": base64.b64encode(kept).decode(),
         "original_bytes": len(raw),  # more than kept: an oversized message, truncated here
@@ -94,6 +98,7 @@ def dead_letter(raw: bytes, rejected: Rejected, source: Mapping[str, Any]) -> by
 
 
 _DLQ_ORIGINAL_MAX = 262_144
+_DLQ_REJECTED_MAX = 1000  # a 1 MB array of bad pings must not become gigabytes of letters
 
 # OsmAnd / Traccar Client query parameters -> Ping fields.
 _OSMAND = {"id": "unit_id", "deviceid": "unit_id", "lat": "lat", "lon": "lon",
