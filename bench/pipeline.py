@@ -93,7 +93,8 @@ async def run_rate(
              for k, la, lo in zip(keys, lats.tolist(), lons.tolist(), strict=True)]  # fmt: skip
     k = 0
     while time.monotonic() - t0 < seconds:
-        n = max(1, int(rate * step)) if rate else 2000
+        # Catch up to the schedule: a slow ack must not lower the offered rate.
+        n = max(1, int(rate * (time.monotonic() - t0 + step)) - sent) if rate else 2000
         stamp = format_ts(int(time.time() * 1000)).encode() + b'"}'
         batch = []
         for _ in range(n):

@@ -52,6 +52,7 @@ class GeofenceService(StatefulService):
         self.trackers: dict[int, VisitTracker] = {}
         self._backlog: list[Any] = []  # outputs from restoring, sent with the next batch
         self._zone_task: asyncio.Task[None] | None = None
+        self._gauged = 0.0
         self._zones_changed = asyncio.Event()
         self._listen_conn: asyncpg.Connection | None = None
         self.http = HttpServer(probe_app(self.name, lambda: self.ready), settings.http_host,
@@ -228,9 +229,12 @@ class GeofenceService(StatefulService):
         rows: dict[str, Any] = {u: tracker.export_unit(u) for u in tracker.dirty}
         tracker.dirty.clear()
         rows[META] = tracker.export_meta()
-        OPEN_VISITS.labels(self.name).set(
-            sum(len(u.open) for t in self.trackers.values() for u in t.units.values())
-        )
+        now = time.monotonic()
+        if now - self._gauged > 5.0:  # a walk over every unit: not on every commit
+            self._gauged = now
+            OPEN_VISITS.labels(self.name).set(
+                sum(len(u.open) for t in self.trackers.values() for u in t.units.values())
+            )
         return rows
 
     async def publish(self, outputs: list[Any]) -> None:
