@@ -715,3 +715,22 @@ def test_unusable_pings_only_update_last_seen() -> None:
     assert unit.seen_accuracy_m == 99
     assert set(unit.open) == {"A"}
     assert tracker.clock == T0 + 10_000
+
+
+def test_restored_visit_in_a_zone_reshaped_meanwhile_closes() -> None:
+    tracker = make_tracker()
+    tracker.process([P("u1", 0, "A").fix(), P("u1", 20, "A").fix(), P("u2", 0, "B").fix()])
+    saved = {u: tracker.export_unit(u) for u in ("u1", "u2")}
+    bigger_a = ZoneSpec("A", ZONE_A.buffer(0.0001))
+    params = DosageParams()
+    restored = VisitTracker(ZoneIndex(zones(A=bigger_a), params), params)
+    restored.restore_meta(tracker.export_meta())
+    for unit_id, data in saved.items():
+        restored.restore_unit(unit_id, data)
+    events = restored.reconcile()
+    # A changed shape: its visit ends at its last inside ping. B did not: its visit goes on.
+    assert [(e.unit_id, e.zone_id, e.end_reason) for e in events] == [
+        ("u1", "A", EndReason.ZONE_CHANGED)
+    ]
+    assert set(restored.units["u2"].open) == {"B"}
+    assert restored.reconcile() == []  # once

@@ -63,8 +63,18 @@ class GeofenceService(StatefulService):
         await kafka.ensure_topics(s, {s.topic_pings: {}, s.topic_visits: {}})
         await self.open_database()
         assert self.pool is not None
-        await self._load_zones()
+        async with self.pool.acquire() as conn:
+            saved = await conn.fetchval(
+                "SELECT value::text FROM service_meta WHERE key = $1", self._meta_key
+            )
+        # Zone versions already announced: edits made while every instance was down are
+        # announced now (dosewatch.zone.changed), and their ids make repeats harmless.
+        self.versions = orjson.loads(saved) if saved else {}
+        changed = await self._load_zones()
         await self.start_kafka()
+        if changed:
+            await self.publish([self._zone_changed(c) for c in changed])
+        await self._save_versions()
         await self._listen()
         await self.http.start()
         self.ready = True
@@ -93,6 +103,23 @@ class GeofenceService(StatefulService):
 
     def _on_notify(self, *_: object) -> None:
         self._zones_changed.set()
+
+    @property
+    def _meta_key(self) -> str:
+        return f"geofence.zone_versions:{self.gsettings.topic_pings}"
+
+    async def _save_versions(self) -> None:
+        assert self.pool is not None
+        pool, body = self.pool, orjson.dumps(self.versions).decode()
+
+        async def write() -> None:
+            await pool.execute(
+                "INSERT INTO service_meta (key, value) VALUES ($1, $2::jsonb) "
+                "ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value",
+                self._meta_key, body,
+            )  # fmt: skip
+
+        await db.retrying(write, "save zone versions", on_retry=self._retried)
 
     async def _load_zones(self) -> list[dict[str, Any]]:
         assert self.pool is not None
@@ -151,6 +178,7 @@ class GeofenceService(StatefulService):
             outputs += [self._zone_changed(c) for c in changed]
             await self.publish(outputs)
             await self.save(outputs, {})
+            await self._save_versions()
         log.info("zones reloaded", extra={"zones": len(self.index), "changed": len(changed)})
 
     def _zone_changed(self, change: dict[str, Any]) -> dict[str, Any]:

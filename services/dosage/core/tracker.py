@@ -110,6 +110,7 @@ class VisitTracker:
         self._watch: list[tuple[int, str]] = []
         # Units whose state changed since the owner last saved it (live services persist these).
         self.dirty: set[str] = set()
+        self._reshaped: set[tuple[str, str]] = set()  # restored visits on an older zone shape
 
     # -- input -------------------------------------------------------------------------------
 
@@ -146,12 +147,14 @@ class VisitTracker:
         return out
 
     def reconcile(self) -> list[VisitEvent]:
-        """Close restored visits in zones the index no longer has (deleted while stopped)."""
+        """Close restored visits in zones deleted or reshaped while their state was saved."""
         out: list[VisitEvent] = []
         clock = self.clock if self.clock is not None else 0
+        stale, self._reshaped = self._reshaped, set()
         for unit_id in sorted(self.units):
             unit = self.units[unit_id]
-            for zone_id in sorted(z for z in unit.open if z not in self.index.position):
+            gone = [z for z in unit.open if z not in self.index.position or (unit_id, z) in stale]
+            for zone_id in sorted(gone):
                 self.dirty.add(unit_id)
                 visit = unit.open.pop(zone_id)
                 visit.close(EndReason.ZONE_CHANGED)
@@ -296,6 +299,7 @@ class VisitTracker:
                     v.out_since,
                     v.target_reported,
                     v.overstay_reported,
+                    self.index.shape_ids.get(v.zone_id),
                 ]
                 for v in unit.open.values()
             ],
@@ -304,7 +308,11 @@ class VisitTracker:
     def restore_unit(self, unit_id: str, data: dict[str, Any]) -> None:
         unit = UnitState(last_usable=data["last_usable"])
         unit.seen_ts, unit.seen_lon, unit.seen_lat, unit.seen_accuracy_m = data["seen"]
-        for zone_id, started, last_in, last_seen, state, out_since, tgt, over in data["open"]:
+        for zone_id, started, last_in, last_seen, state, out_since, tgt, over, *shape in data[
+            "open"
+        ]:
+            if shape and shape[0] != self.index.shape_ids.get(zone_id):
+                self._reshaped.add((unit_id, zone_id))
             unit.open[zone_id] = Visit(
                 unit_id,
                 zone_id,

@@ -8,6 +8,7 @@ as a distance in metres on a local projection.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -46,6 +47,11 @@ class ZoneIndex:
             params.rules_for(z.target_s, z.min_visit_s, z.max_visit_s) for z in zones
         )
         self.rules_by_id: dict[str, ZoneRules] = dict(zip(ids, self.rules, strict=True))
+        # A fingerprint of each zone's shape as drawn: saved state names the shape its open
+        # visits were judged against, so a restart notices a zone reshaped meanwhile.
+        self.shape_ids: dict[str, str] = {
+            z.zone_id: hashlib.sha1(shapely.to_wkb(z.geometry)).hexdigest()[:16] for z in zones
+        }
         self.buffer_m = params.exit_buffer_m
         lonlat = [z.geometry for z in zones]
         self.projection = LocalProjection.centred_on(lonlat)
