@@ -8,8 +8,6 @@ from dataclasses import dataclass
 from datetime import UTC, date, datetime, time, timedelta
 from zoneinfo import ZoneInfo
 
-_DAY_MS = 86_400_000
-
 
 def parse_shift_starts(text: str) -> tuple[time, ...]:
     """'07:00,15:00,23:00' -> sorted local start times. Raises ValueError with a readable reason."""

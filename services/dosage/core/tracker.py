@@ -8,7 +8,7 @@ in arrival order, because each ping's meaning depends on the one before it.
 from __future__ import annotations
 
 import heapq
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
@@ -148,18 +148,12 @@ class VisitTracker:
 
     def reconcile(self) -> list[VisitEvent]:
         """Close restored visits in zones deleted or reshaped while their state was saved."""
-        out: list[VisitEvent] = []
-        clock = self.clock if self.clock is not None else 0
         stale, self._reshaped = self._reshaped, set()
-        for unit_id in sorted(self.units):
-            unit = self.units[unit_id]
-            gone = [z for z in unit.open if z not in self.index.position or (unit_id, z) in stale]
-            for zone_id in sorted(gone):
-                self.dirty.add(unit_id)
-                visit = unit.open.pop(zone_id)
-                visit.close(EndReason.ZONE_CHANGED)
-                out.append(self._event(VisitEventKind.ENDED, clock, visit, self.index))
-        return out
+        live = self.index.position
+        return self._close_zone_changed(
+            lambda unit_id, zone_id: zone_id not in live or (unit_id, zone_id) in stale,
+            self.index,
+        )
 
     def finish(self) -> list[VisitEvent]:
         """End of input: close what is still open."""
@@ -177,23 +171,24 @@ class VisitTracker:
 
     def replace_index(self, index: ZoneIndex) -> list[VisitEvent]:
         """Swap in a rebuilt index; visits in zones whose shape changed or that are gone close."""
-        out: list[VisitEvent] = []
         old = self.index
-        gone = {
-            zid
-            for zid, pos in old.position.items()
-            if zid not in index.position
-            or not old.zones[pos].same_shape(index.zones[index.position[zid]])
-        }
+        gone = {z for z, shape in old.shape_ids.items() if index.shape_ids.get(z) != shape}
         self.index = index
+        return self._close_zone_changed(lambda _unit, zone_id: zone_id in gone, old)
+
+    def _close_zone_changed(
+        self, closes: Callable[[str, str], bool], judged_by: ZoneIndex
+    ) -> list[VisitEvent]:
+        """Rule 6: open visits in a changed or deleted zone end (at their last_in)."""
+        out: list[VisitEvent] = []
         clock = self.clock if self.clock is not None else 0
         for unit_id in sorted(self.units):
             unit = self.units[unit_id]
-            for zone_id in sorted(z for z in unit.open if z in gone):
+            for zone_id in sorted(z for z in unit.open if closes(unit_id, z)):
                 self.dirty.add(unit_id)
                 visit = unit.open.pop(zone_id)
                 visit.close(EndReason.ZONE_CHANGED)
-                out.append(self._event(VisitEventKind.ENDED, clock, visit, old))
+                out.append(self._event(VisitEventKind.ENDED, clock, visit, judged_by))
         return out
 
     # -- rules -------------------------------------------------------------------------------

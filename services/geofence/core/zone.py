@@ -17,7 +17,3 @@ class ZoneSpec:
     min_visit_s: float | None = None
     max_visit_s: float | None = None
     properties: dict[str, Any] = field(default_factory=dict, compare=False)
-
-    def same_shape(self, other: ZoneSpec) -> bool:
-        """Geometry identity as the zone-change rule means it (vertex for vertex)."""
-        return bool(self.geometry.equals_exact(other.geometry, 0.0))
