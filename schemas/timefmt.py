@@ -68,3 +68,13 @@ def _canonical_second(text: str) -> int | None:
     except ValueError:
         return None
     return (dt - _EPOCH) // _MS
+
+
+def ms_to_datetime(ms: int) -> datetime:
+    """Epoch milliseconds -> aware UTC datetime (exact: no float on the way)."""
+    return _EPOCH + timedelta(milliseconds=ms)
+
+
+def datetime_to_ms(dt: datetime) -> int:
+    """Aware datetime (as PostgreSQL returns timestamptz) -> epoch milliseconds."""
+    return (dt - _EPOCH) // _MS

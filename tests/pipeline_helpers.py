@@ -13,6 +13,7 @@ import orjson
 from aiokafka import AIOKafkaConsumer
 
 from dosewatch.replay import decode_lines
+from schemas.timefmt import datetime_to_ms, format_ts
 from services.common import db
 from services.common.kafka import partition_for
 from services.common.zonestore import import_zones
@@ -40,8 +41,6 @@ def flush_fixes(after_ms: int, partitions: int) -> list[Fix]:
 
 
 def ping_bytes(fix: Fix) -> bytes:
-    from schemas.timefmt import format_ts
-
     doc: dict[str, Any] = {"unit_id": fix.unit_id, "ts": format_ts(fix.ts), "lat": fix.lat,
                            "lon": fix.lon}  # fmt: skip
     if fix.accuracy_m is not None:
@@ -117,9 +116,7 @@ def keyed(lines: list[bytes]) -> list[tuple[bytes, bytes]]:
 
 
 def _ts(value: datetime) -> str:
-    from schemas.timefmt import format_ts
-
-    return format_ts(round(value.timestamp() * 1000))
+    return format_ts(datetime_to_ms(value))
 
 
 def db_visits(records: list[Any]) -> list[dict[str, Any]]:

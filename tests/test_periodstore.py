@@ -10,6 +10,7 @@ from time import time as _time
 
 import asyncpg
 
+from schemas.timefmt import ms_to_datetime
 from services.common import db
 from services.dosage.core.periods import ShiftCalendar, parse_shift_starts, zone_periods
 from services.dosage.periodstore import refresh_zone_periods
@@ -21,7 +22,7 @@ TARGET = 15 * MIN
 
 
 def dt(ms: int) -> datetime:
-    return datetime.fromtimestamp(ms / 1000, UTC)
+    return ms_to_datetime(ms)
 
 
 async def close_visits(url: str, visits: list[tuple[int, int]]) -> list[tuple[object, ...]]:

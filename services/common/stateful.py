@@ -320,7 +320,3 @@ class StatefulService(abc.ABC):
 
     def _retried(self) -> None:
         DB_RETRIES.labels(self.name).inc()
-
-
-async def wait_forever() -> None:
-    await asyncio.Event().wait()

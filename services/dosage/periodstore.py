@@ -2,19 +2,10 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
-
 import asyncpg
 
+from schemas.timefmt import datetime_to_ms, ms_to_datetime
 from services.dosage.core.periods import ShiftCalendar, merge_intervals, zone_periods
-
-
-def _dt(ms: int) -> datetime:
-    return datetime.fromtimestamp(ms / 1000, UTC)
-
-
-def _ms(dt: datetime) -> int:
-    return round(dt.timestamp() * 1000)
 
 
 async def refresh_zone_periods(
@@ -36,9 +27,9 @@ async def refresh_zone_periods(
         rows = await conn.fetch(
             "SELECT started_at, ended_at FROM visits WHERE zone_id = $1 AND qualified "
             "AND ended_at >= $2 AND started_at <= $3",
-            zone_id, _dt(lo), _dt(hi),
+            zone_id, ms_to_datetime(lo), ms_to_datetime(hi),
         )  # fmt: skip
-        intervals = [(_ms(r["started_at"]), _ms(r["ended_at"])) for r in rows]
+        intervals = [(datetime_to_ms(r["started_at"]), datetime_to_ms(r["ended_at"])) for r in rows]
         merged = merge_intervals(intervals)
         new_lo = min([lo, *(calendar.shift_of(s)[0] for s, _ in merged[:1])])
         new_hi = max([hi, *(calendar.shift_of(e)[1] for _, e in merged[-1:])])
@@ -52,14 +43,14 @@ async def refresh_zone_periods(
     ]
     await conn.execute(
         "DELETE FROM zone_periods WHERE zone_id = $1 AND period_start >= $2 AND period_start < $3",
-        zone_id, _dt(lo), _dt(hi),
+        zone_id, ms_to_datetime(lo), ms_to_datetime(hi),
     )  # fmt: skip
     await conn.executemany(
         "INSERT INTO zone_periods (zone_id, period_start, period_end, presence_s, officer_s, "
         "visits, dosed_visits) VALUES ($1, $2, $3, $4, $5, $6, $7)",
         [
-            (p.zone_id, _dt(p.period_start), _dt(p.period_end), p.presence_ms / 1000,
-             p.officer_ms / 1000, p.visits, p.dosed_visits)
+            (p.zone_id, ms_to_datetime(p.period_start), ms_to_datetime(p.period_end),
+             p.presence_ms / 1000, p.officer_ms / 1000, p.visits, p.dosed_visits)
             for p in periods
         ],
     )  # fmt: skip

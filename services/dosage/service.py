@@ -10,13 +10,14 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 import asyncpg
 import orjson
 from aiokafka import ConsumerRecord
 
-from schemas.timefmt import parse_ts
+from schemas.timefmt import ms_to_datetime, parse_ts
 from services.common import db, kafka
 from services.common.http import HttpServer, probe_app
 from services.common.metrics import EVENTS_OUT, LATENCY
@@ -217,7 +218,7 @@ class DosageService(StatefulService):
             await conn.executemany(
                 "INSERT INTO audit_log (event_id, type, subject, time, event) "
                 "VALUES ($1, $2, $3, $4, $5::jsonb) ON CONFLICT (event_id) DO NOTHING",
-                [(a["id"], a["type"], a["subject"], _dt(a["time"]), orjson.dumps(a).decode())
+                [(a["id"], a["type"], a["subject"], _db_time(a["time"]), orjson.dumps(a).decode())
                  for a in audits],
             )  # fmt: skip
         visits = [(o.visit, o.rules) for o in outputs if o.visit is not None]
@@ -227,7 +228,7 @@ class DosageService(StatefulService):
             "INSERT INTO visits (unit_id, zone_id, started_at, ended_at, duration_s, end_reason, "
             "qualified, target_met, overstay) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) "
             "ON CONFLICT (unit_id, zone_id, started_at) DO NOTHING",
-            [(v["unit_id"], v["zone_id"], _dt(v["started_at"]), _dt(v["ended_at"]),
+            [(v["unit_id"], v["zone_id"], _db_time(v["started_at"]), _db_time(v["ended_at"]),
               v["duration_s"], v["end_reason"], v["qualified"], v["target_met"], v["overstay"])
              for v, _ in visits],
         )  # fmt: skip
@@ -238,10 +239,9 @@ class DosageService(StatefulService):
                                            self.calendar)  # fmt: skip
 
 
-def _dt(text: str) -> Any:
-    from datetime import UTC, datetime
-
-    return datetime.fromtimestamp(parse_ts(text) / 1000, UTC)
+def _db_time(text: str) -> datetime:
+    """A wire time (RFC 3339) as the timestamptz asyncpg writes."""
+    return ms_to_datetime(parse_ts(text))
 
 
 async def main(settings: DosageSettings | None = None) -> None:

@@ -5,8 +5,10 @@ from __future__ import annotations
 import bisect
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from datetime import UTC, date, datetime, time, timedelta
+from datetime import date, datetime, time, timedelta
 from zoneinfo import ZoneInfo
+
+from schemas.timefmt import datetime_to_ms
 
 
 def parse_shift_starts(text: str) -> tuple[time, ...]:
@@ -62,8 +64,7 @@ class ShiftCalendar:
     def _instant(self, day: date, t: time) -> int:
         # A start time inside a spring-forward gap is read with the offset before the change
         # (zoneinfo's fold=0: 02:30 becomes 03:30 local); a repeated hour takes its first pass.
-        local = datetime.combine(day, t, tzinfo=self.tz)
-        return int(local.astimezone(UTC).timestamp() * 1000)
+        return datetime_to_ms(datetime.combine(day, t, tzinfo=self.tz))
 
 
 def merge_intervals(intervals: Iterable[tuple[int, int]]) -> list[tuple[int, int]]:
