@@ -28,6 +28,7 @@ from services.common.zonestore import load_zones
 from services.dosage.core.board import StatusChange, ZoneBoard
 from services.dosage.core.events import (
     VISIT_TYPES,
+    ZONE_CHANGED,
     status_cloudevent,
     status_row,
     visit_event_from_cloudevent,
@@ -40,7 +41,6 @@ from services.dosage.periodstore import refresh_zone_periods
 log = logging.getLogger(__name__)
 META = ""
 _VISIT_TYPES = set(VISIT_TYPES.values())
-ZONE_CHANGED = "dosewatch.zone.changed"
 
 
 class DosageSettings(CommonSettings):

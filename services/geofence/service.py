@@ -17,7 +17,7 @@ import asyncpg
 import orjson
 from aiokafka import ConsumerRecord
 
-from schemas.timefmt import format_ts, parse_ts
+from schemas.timefmt import parse_ts
 from services.common import db, kafka
 from services.common.http import HttpServer, probe_app
 from services.common.metrics import EVENTS_OUT, LATENCY, OPEN_VISITS, PINGS_IN
@@ -25,7 +25,7 @@ from services.common.runner import run_service
 from services.common.settings import CommonSettings
 from services.common.stateful import StatefulService
 from services.common.zonestore import CHANNEL, load_zones
-from services.dosage.core.events import event_id, visit_cloudevent
+from services.dosage.core.events import visit_cloudevent, zone_changed_cloudevent
 from services.dosage.core.tracker import Fix, VisitEvent, VisitTracker
 from services.geofence.core.index import ZoneIndex
 
@@ -183,22 +183,10 @@ class GeofenceService(StatefulService):
 
     def _zone_changed(self, change: dict[str, Any]) -> dict[str, Any]:
         zid = change["zone_id"]
-        data: dict[str, Any] = dict(change)
-        if zid in self.index.position:
-            rules = self.index.rules_by_id[zid]
-            data |= {"target_s": rules.target_ms / 1000, "min_visit_s": rules.min_visit_ms / 1000,
-                     "max_visit_s": rules.max_visit_ms / 1000}  # fmt: skip
-        now = int(time.time() * 1000)
-        return {
-            "specversion": "1.0",
-            "id": event_id("dosewatch.zone.changed", zid, change["version"], change["change"]),
-            "source": self.gsettings.source,
-            "type": "dosewatch.zone.changed",
-            "time": format_ts(now),
-            "subject": zid,
-            "datacontenttype": "application/json",
-            "data": data,
-        }
+        return zone_changed_cloudevent(
+            zid, change["version"], change["change"], self.index.rules_by_id.get(zid),
+            int(time.time() * 1000), self.gsettings.source,
+        )  # fmt: skip
 
     # -- partitions --------------------------------------------------------------------------
 

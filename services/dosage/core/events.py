@@ -24,6 +24,7 @@ VISIT_TYPES = {
     VisitEventKind.ENDED: "dosewatch.visit.ended",
 }
 STATUS_CHANGED = "dosewatch.zone.status_changed"
+ZONE_CHANGED = "dosewatch.zone.changed"
 
 
 def event_id(*parts: object) -> str:
@@ -122,6 +123,21 @@ def status_cloudevent(change: StatusChange, source: str) -> dict[str, Any]:
     data = status_row(change.snapshot) | {"previous_status": str(change.previous)}
     eid = event_id(STATUS_CHANGED, change.zone_id, change.time, change.previous, change.status)
     return _envelope(STATUS_CHANGED, eid, source, change.time, change.zone_id, data)
+
+
+def zone_changed_cloudevent(
+    zone_id: str, version: int, change: str, rules: ZoneRules | None, at: int, source: str
+) -> dict[str, Any]:
+    """A zone edit (`created`, `updated` or `deleted`), with the rules now in force."""
+    data: dict[str, Any] = {"zone_id": zone_id, "version": version, "change": change}
+    if rules is not None:
+        data |= {
+            "target_s": seconds(rules.target_ms),
+            "min_visit_s": seconds(rules.min_visit_ms),
+            "max_visit_s": seconds(rules.max_visit_ms),
+        }
+    eid = event_id(ZONE_CHANGED, zone_id, version, change)
+    return _envelope(ZONE_CHANGED, eid, source, at, zone_id, data)
 
 
 def _envelope(
