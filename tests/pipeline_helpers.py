@@ -140,3 +140,19 @@ def db_periods(records: list[Any]) -> list[dict[str, Any]]:
         for r in records
     ]  # fmt: skip
     return sorted(rows, key=lambda r: (r["zone_id"], r["period_start"]))
+
+
+async def send_fixes(bootstrap: str, topic: str, fixes: list[Fix]) -> None:
+    """Normalised pings straight onto `topic`, keyed by unit, as ingest would write them."""
+    from aiokafka import AIOKafkaProducer
+
+    from services.common.kafka import BatchProducer
+
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=5)
+    await producer.start()
+    try:
+        await BatchProducer(producer).send(
+            topic, ((f.unit_id.encode(), ping_bytes(f)) for f in fixes)
+        )
+    finally:
+        await producer.stop()

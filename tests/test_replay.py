@@ -176,43 +176,14 @@ def test_config_file_sets_rules(tmp_path: Path) -> None:
         'tz = "America/New_York"\nshifts = "07:00,15:00,23:00"\n[dosage]\nmin_visit_s = 0\n'
     )
     out = tmp_path / "out"
-    assert (
-        main(
-            [
-                "replay",
-                "--zones",
-                str(SAMPLE / "zones.geojson"),
-                "--pings",
-                str(SAMPLE / "pings.jsonl"),
-                "--out",
-                str(out),
-                "--config",
-                str(config),
-            ]
-        )
-        == 0
-    )
+    config_args = ["--config", str(config)]
+    assert replay(out, SAMPLE / "zones.geojson", SAMPLE / "pings.jsonl", *config_args) == 0
     visits = rows(out / "visits.jsonl")
     overridden = {"Z000", "Z001", "Z004", "Z006"}  # zones with their own min_visit_s
     assert len(visits) == 323
     assert all(v["qualified"] for v in visits if v["zone_id"] not in overridden)
-    config.write_text("[dosage]\nexit_buffer_metres = 3\n")
-    assert (
-        main(
-            [
-                "replay",
-                "--zones",
-                str(SAMPLE / "zones.geojson"),
-                "--pings",
-                str(SAMPLE / "pings.jsonl"),
-                "--out",
-                str(out),
-                "--config",
-                str(config),
-            ]
-        )
-        == 2
-    )
+    config.write_text("[dosage]\nexit_buffer_metres = 3\n")  # a misspelt key is refused
+    assert replay(out, SAMPLE / "zones.geojson", SAMPLE / "pings.jsonl", *config_args) == 2
 
 
 def test_env_sets_rules(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -9,13 +9,11 @@ from typing import Any
 
 import asyncpg
 import orjson
-from aiokafka import AIOKafkaProducer
 
-from services.common.kafka import BatchProducer
 from services.common.zonestore import import_zones
 from services.dosage.core.tracker import Fix
 from services.geofence.service import GeofenceService, GeofenceSettings
-from tests.pipeline_helpers import SAMPLE, collect, ping_bytes, prepare_database
+from tests.pipeline_helpers import SAMPLE, collect, prepare_database, send_fixes
 
 T0 = 1_778_781_600_000
 
@@ -36,13 +34,9 @@ def test_reshaping_a_zone_closes_its_open_visits(
         service = GeofenceService(settings)
         await service.start()
         task = asyncio.create_task(service.run())
-        producer = AIOKafkaProducer(bootstrap_servers=kafka_bootstrap, linger_ms=5)
-        await producer.start()
         try:
             fixes = [Fix("car-7", T0 + i * 15_000, lon, lat) for i in range(5)]
-            await BatchProducer(producer).send(
-                settings.topic_pings, ((f.unit_id.encode(), ping_bytes(f)) for f in fixes)
-            )
+            await send_fixes(kafka_bootstrap, settings.topic_pings, fixes)
             started = "dosewatch.visit.started"
             await collect(
                 kafka_bootstrap,
@@ -68,7 +62,6 @@ def test_reshaping_a_zone_closes_its_open_visits(
                         for e in v),
             )  # fmt: skip
         finally:
-            await producer.stop()
             task.cancel()
             await service.stop()
 
