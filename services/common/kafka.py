@@ -97,11 +97,18 @@ def partition_for(key: bytes, partitions: int) -> int:
 
 
 class BatchProducer:
-    """Produce a whole batch with one `send_batch` per partition, and wait for the acks."""
+    """Produce a whole batch with one `send_batch` per partition.
+
+    `send` waits for the acks by default. With `wait=False` it returns once the batches are
+    queued, so the caller can fetch and apply its next batch while these are in flight; it
+    must then await `acked()` (or the futures from `take_unacked()`) before it commits the
+    offsets these records came from. Batches are closed before they are queued: they are
+    complete, and an open one would wait out `linger_ms` for records that never come."""
 
     def __init__(self, producer: AIOKafkaProducer) -> None:
         self._producer = producer
         self._partitions: dict[str, list[int]] = {}
+        self._unacked: list[asyncio.Future[Any]] = []
 
     async def _count(self, topic: str) -> list[int]:
         parts = self._partitions.get(topic)
@@ -115,6 +122,8 @@ class BatchProducer:
         topic: str,
         records: Iterable[tuple[bytes | None, bytes]],
         headers: Sequence[tuple[str, bytes]] = (),
+        *,
+        wait: bool = True,
     ) -> int:
         parts = await self._count(topic)
         by_partition: dict[int, list[tuple[bytes | None, bytes]]] = defaultdict(list)
@@ -131,17 +140,38 @@ class BatchProducer:
                     batch.append(key=key, value=value, timestamp=None, headers=list(headers))
                     is None
                 ):
-                    futures.append(await self._producer.send_batch(batch, topic, partition=p))
+                    futures.append(await self._queue(batch, topic, p))
                     batch = self._producer.create_batch()
                     if (
                         batch.append(key=key, value=value, timestamp=None, headers=list(headers))
                         is None
                     ):
                         raise ValueError(f"a record of {len(value)} bytes exceeds the batch size")
-            futures.append(await self._producer.send_batch(batch, topic, partition=p))
+            futures.append(await self._queue(batch, topic, p))
+        if wait:
+            if futures:
+                await asyncio.gather(*futures)
+        else:
+            self._unacked.extend(futures)
+        return n
+
+    async def _queue(self, batch: Any, topic: str, partition: int) -> asyncio.Future[Any]:
+        batch.close()
+        future: asyncio.Future[Any] = await self._producer.send_batch(
+            batch, topic, partition=partition
+        )
+        return future
+
+    def take_unacked(self) -> list[asyncio.Future[Any]]:
+        """The acks of everything sent with `wait=False` since the last take."""
+        out, self._unacked = self._unacked, []
+        return out
+
+    async def acked(self) -> None:
+        """Wait until everything sent with `wait=False` so far is acknowledged."""
+        futures = self.take_unacked()
         if futures:
             await asyncio.gather(*futures)
-        return n
 
 
 __all__ = [

@@ -1,7 +1,9 @@
 """A consumer-group member whose per-partition state is saved with its offsets.
 
-The commit order (after quix-streams): process a batch -> produce its outputs and wait for the
-acks -> save state and next offsets in ONE PostgreSQL transaction. A crash anywhere repeats
+The commit order (after quix-streams): process a batch -> produce its outputs -> wait for their
+acks -> save state and next offsets in ONE PostgreSQL transaction. The acks are awaited by the
+background save rather than by the batch, so the next batch is fetched while they are in
+flight. A crash anywhere repeats
 work from the last saved offsets with the state saved alongside them; the core is
 deterministic, so the repeats are identical records with identical event ids.
 """
@@ -102,7 +104,8 @@ class StatefulService(abc.ABC):
         """Keys changed since the last save -> their new value (None deletes the key)."""
 
     @abc.abstractmethod
-    async def publish(self, outputs: list[Any]) -> None: ...
+    async def publish(self, outputs: list[Any]) -> None:
+        """Queue outputs with `self.out.send(..., wait=False)`; the next save awaits their acks."""
 
     async def write(self, conn: asyncpg.Connection, outputs: list[Any]) -> None:
         """Rows that go with the state (history, audit); same transaction. None by default."""
@@ -243,7 +246,8 @@ class StatefulService(abc.ABC):
         outputs, offsets = self._pending_outputs, self._pending_offsets
         self._pending_outputs, self._pending_offsets = [], {}
         self._last_save = now
-        self.start_save(outputs, offsets)
+        acks = self.out.take_unacked() if self.out is not None else []
+        self.start_save(outputs, offsets, acks)
 
     async def save(self, outputs: list[Any], offsets: dict[int, int]) -> None:
         """Save now, with everything applied before (state never runs ahead of offsets)."""
@@ -251,7 +255,9 @@ class StatefulService(abc.ABC):
         self._pending_offsets.update(offsets)
         await self.flush()
 
-    def start_save(self, outputs: list[Any], offsets: dict[int, int]) -> None:
+    def start_save(
+        self, outputs: list[Any], offsets: dict[int, int], acks: list[asyncio.Future[Any]]
+    ) -> None:
         """Snapshot the state now, write it in the background after the save before it.
 
         The next batch is fetched and processed while this one is written; the one after
@@ -259,7 +265,9 @@ class StatefulService(abc.ABC):
         offsets, so the commit order is unchanged: outputs acked, then state and offsets."""
         state = {p: self.dirty_state(p) for p in list(self.partitions)}
         previous = self._saving
-        self._saving = asyncio.create_task(self._write_after(previous, state, outputs, offsets))
+        self._saving = asyncio.create_task(
+            self._write_after(previous, state, outputs, offsets, acks)
+        )
 
     async def flush(self) -> None:
         """Save everything applied so far and wait until it is written."""
@@ -274,9 +282,12 @@ class StatefulService(abc.ABC):
         state: dict[int, dict[str, Any]],
         outputs: list[Any],
         offsets: dict[int, int],
+        acks: list[asyncio.Future[Any]],
     ) -> None:
         if previous is not None:
             await previous
+        if acks:
+            await asyncio.gather(*acks)
         assert self.pool is not None
         pool = self.pool
 

@@ -206,10 +206,10 @@ class DosageService(StatefulService):
         audits = [(o.audit["subject"].encode(), orjson.dumps(o.audit))
                   for o in outputs if o.audit is not None]  # fmt: skip
         if statuses:
-            await self.out.send(s.topic_status, statuses)
+            await self.out.send(s.topic_status, statuses, wait=False)
             EVENTS_OUT.labels(self.name, s.topic_status).inc(len(statuses))
         if audits:
-            await self.out.send(s.topic_audit, audits)
+            await self.out.send(s.topic_audit, audits, wait=False)
             EVENTS_OUT.labels(self.name, s.topic_audit).inc(len(audits))
 
     async def write(self, conn: asyncpg.Connection, outputs: list[Any]) -> None:

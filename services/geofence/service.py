@@ -74,6 +74,8 @@ class GeofenceService(StatefulService):
         await self.start_kafka()
         if changed:
             await self.publish([self._zone_changed(c) for c in changed])
+            assert self.out is not None
+            await self.out.acked()  # announced before the versions are marked as announced
         await self._save_versions()
         await self._listen()
         await self.http.start()
@@ -258,7 +260,9 @@ class GeofenceService(StatefulService):
             return
         assert self.out is not None
         topic = self.gsettings.topic_visits
-        await self.out.send(topic, ((o["subject"].encode(), orjson.dumps(o)) for o in outputs))
+        await self.out.send(
+            topic, ((o["subject"].encode(), orjson.dumps(o)) for o in outputs), wait=False
+        )
         EVENTS_OUT.labels(self.name, topic).inc(len(outputs))
 
 

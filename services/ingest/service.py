@@ -72,13 +72,14 @@ class IngestService:
             await self._producer.stop()
 
     async def run(self) -> None:
-        assert self._consumer is not None
+        assert self._consumer is not None and self._out is not None
         consumer = self._consumer
         last_commit = 0.0
         while True:
             batches = await consumer.getmany(timeout_ms=100)
             if not batches:
                 if last_commit and time.monotonic() - last_commit > 1.0:
+                    await self._out.acked()
                     await consumer.commit()
                     last_commit = 0.0
                 continue
@@ -97,25 +98,29 @@ class IngestService:
                 hw = consumer.highwater(tp)
                 if hw is not None:
                     CONSUMER_LAG.labels(SERVICE, str(tp.partition)).set(hw - records[-1].offset - 1)
-            await self._publish(accepted, dead)
+            # Not waiting for the acks here lets the next fetch overlap them; the commit does.
+            await self._publish(accepted, dead, wait=False)
             now = time.monotonic()
             if now - last_commit >= self.settings.commit_interval_ms / 1000:
                 # At least once: a crash repeats at most an interval of pings, which the
                 # rules discard as duplicates.
+                await self._out.acked()
                 await consumer.commit()
                 last_commit = now
 
-    async def _publish(self, accepted: Sequence[Accepted], dead: Sequence[bytes]) -> None:
+    async def _publish(
+        self, accepted: Sequence[Accepted], dead: Sequence[bytes], wait: bool = True
+    ) -> None:
         assert self._out is not None
         s = self.settings
         if accepted:
-            await self._out.send(s.topic_pings, ((a.key, a.value) for a in accepted))
+            await self._out.send(s.topic_pings, ((a.key, a.value) for a in accepted), wait=wait)
             EVENTS_OUT.labels(SERVICE, s.topic_pings).inc(len(accepted))
             now = time.time()
             for a in accepted:
                 LATENCY.labels(SERVICE).observe(max(0.0, now - a.ping.ts / 1000))
         if dead:
-            await self._out.send(s.topic_dlq, ((None, d) for d in dead))
+            await self._out.send(s.topic_dlq, ((None, d) for d in dead), wait=wait)
             EVENTS_OUT.labels(SERVICE, s.topic_dlq).inc(len(dead))
 
     def _limits(self) -> Limits:
