@@ -57,6 +57,11 @@ class ZonePeriodRecord(_Strict):
     dosed_visits: Annotated[int, Field(ge=0)] = Field(description="of those, lasting >= target_s")
 
 
+class UnitPresence(_Strict):
+    unit_id: str
+    since: AwareDatetime
+
+
 class ZoneStatus(_Strict):
     """Live status of one zone, as consoles and MDTs receive it."""
 
@@ -68,6 +73,7 @@ class ZoneStatus(_Strict):
     remaining_s: Seconds = Field(description="time still needed to reach the target")
     target_s: Seconds
     units_present: list[str]
+    units: list[UnitPresence] = Field(description="each unit present and when it arrived")
     last_dosed_end: AwareDatetime | None
     shift: ZonePeriodRecord = Field(description="totals of the shift containing as_of")
     previous_status: str | None = None
@@ -86,9 +92,12 @@ class CloudEvent(_Strict):
         "dosewatch.visit.ended",
         "dosewatch.zone.status_changed",
         "dosewatch.zone.changed",
+        "dosewatch.zone.edited",
+        "dosewatch.key.created",
+        "dosewatch.key.revoked",
     ]
     time: AwareDatetime
-    subject: str = Field(description="the zone id")
+    subject: str = Field(description="the zone id (the key id for key events)")
     datacontenttype: Literal["application/json"] = "application/json"
     data: dict[str, Any]
     streamclock: AwareDatetime | None = Field(

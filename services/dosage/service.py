@@ -157,7 +157,15 @@ class DosageService(StatefulService):
             out.append(Output(audit=doc))
             if event.kind is VisitEventKind.ENDED:
                 out.append(Output(visit=doc["data"], rules=rules))
-            out.extend(self._changes(board.advance(event.clock) + board.apply(event)))
+            changes = board.advance(event.clock) + board.apply(event)
+            out.extend(self._changes(changes))
+            if (
+                event.kind in (VisitEventKind.STARTED, VisitEventKind.ENDED)
+                and event.zone_id in board.zones
+                and not any(c.zone_id == event.zone_id for c in changes)
+            ):
+                # Who is present changed without the status changing: consoles show it too.
+                out.append(Output(status=status_row(board.snapshot(event.zone_id))))
         if newest is not None:
             LATENCY.labels(self.name).observe(max(0.0, time.time() - newest / 1000))
         return out, newest

@@ -64,6 +64,7 @@ class ZoneSnapshot:
     remaining_ms: int
     target_ms: int
     units_present: tuple[str, ...]
+    present_since: tuple[int, ...]  # when each of units_present arrived (same order)
     last_dosed_end: int | None
     shift: ZonePeriod
 
@@ -174,6 +175,7 @@ class ZoneBoard:
             remaining_ms=max(0, zone.rules.target_ms - elapsed) if zone.present else 0,
             target_ms=zone.rules.target_ms,
             units_present=tuple(sorted(zone.present)),
+            present_since=tuple(zone.present[u] for u in sorted(zone.present)),
             last_dosed_end=zone.last_dosed_end,
             shift=shift,
         )

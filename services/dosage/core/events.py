@@ -72,6 +72,10 @@ def status_row(s: ZoneSnapshot) -> dict[str, Any]:
         "remaining_s": seconds(s.remaining_ms),
         "target_s": seconds(s.target_ms),
         "units_present": list(s.units_present),
+        "units": [
+            {"unit_id": u, "since": format_ts(t)}
+            for u, t in zip(s.units_present, s.present_since, strict=True)
+        ],
         "last_dosed_end": None if s.last_dosed_end is None else format_ts(s.last_dosed_end),
         "shift": period_row(s.shift),
     }
@@ -91,7 +95,7 @@ def visit_cloudevent(e: VisitEvent, source: str) -> dict[str, Any]:
             "max_visit_s": seconds(e.rules.max_visit_ms),
         }
     kind = VISIT_TYPES[e.kind]
-    doc = _envelope(
+    doc = envelope(
         kind, event_id(kind, e.unit_id, e.zone_id, e.started_at), source, e.time, e.zone_id, data
     )
     doc["streamclock"] = format_ts(e.clock)  # CloudEvents extension: downstream clocks follow
@@ -122,7 +126,7 @@ def visit_event_from_cloudevent(doc: dict[str, Any], rules: ZoneRules) -> VisitE
 def status_cloudevent(change: StatusChange, source: str) -> dict[str, Any]:
     data = status_row(change.snapshot) | {"previous_status": str(change.previous)}
     eid = event_id(STATUS_CHANGED, change.zone_id, change.time, change.previous, change.status)
-    return _envelope(STATUS_CHANGED, eid, source, change.time, change.zone_id, data)
+    return envelope(STATUS_CHANGED, eid, source, change.time, change.zone_id, data)
 
 
 def zone_changed_cloudevent(
@@ -137,10 +141,10 @@ def zone_changed_cloudevent(
             "max_visit_s": seconds(rules.max_visit_ms),
         }
     eid = event_id(ZONE_CHANGED, zone_id, version, change)
-    return _envelope(ZONE_CHANGED, eid, source, at, zone_id, data)
+    return envelope(ZONE_CHANGED, eid, source, at, zone_id, data)
 
 
-def _envelope(
+def envelope(
     kind: str, eid: str, source: str, at: int, subject: str, data: dict[str, Any]
 ) -> dict[str, Any]:
     return {
