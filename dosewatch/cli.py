@@ -29,7 +29,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         "ingest": _service,
         "geofence": _service,
         "dosage": _service,
+        "api": _service,
         "zones": _zones,
+        "keys": _admin,
+        "audit": _admin,
     }[args.command]
     try:
         return handler(args)
@@ -68,12 +71,26 @@ def _parser() -> argparse.ArgumentParser:
     up.add_argument("--demo-zones", type=int, default=60, dest="demo_zones")
     for name, text in (("ingest", "validate raw AVL input (Kafka and HTTP)"),
                        ("geofence", "pings -> visit events, per unit"),
-                       ("dosage", "visit events -> zone status, history, audit")):  # fmt: skip
+                       ("dosage", "visit events -> zone status, history, audit"),
+                       ("api", "the dispatch API: REST and websockets")):  # fmt: skip
         sub.add_parser(name, help=text)
     zones = sub.add_parser("zones", help="manage zones in PostgreSQL")
     zones_sub = zones.add_subparsers(dest="zones_command", required=True)
     zimport = zones_sub.add_parser("import", help="validate and upsert a FeatureCollection")
     zimport.add_argument("file", type=Path)
+
+    keys = sub.add_parser("keys", help="API keys: create, list, revoke")
+    keys_sub = keys.add_subparsers(dest="keys_command", required=True)
+    kcreate = keys_sub.add_parser("create", help="a new key; its secret is printed once")
+    kcreate.add_argument("--role", required=True, choices=["dispatcher", "mdt", "auditor", "admin"])
+    kcreate.add_argument("--unit", help="the unit an mdt key is bound to")
+    kcreate.add_argument("--label", default="", help="who or what holds it")
+    keys_sub.add_parser("list", help="every key, without secrets")
+    krevoke = keys_sub.add_parser("revoke", help="stop a key working (within seconds)")
+    krevoke.add_argument("key_id")
+    audit = sub.add_parser("audit", help="the audit log")
+    audit_sub = audit.add_subparsers(dest="audit_command", required=True)
+    audit_sub.add_parser("verify", help="recompute the hash chain; exit 1 if it is broken")
 
     schemas = sub.add_parser("schemas", help="write the wire contracts as JSON Schema")
     schemas.add_argument("--out", type=Path, default=None, help="directory (default: schemas/json)")
@@ -163,11 +180,21 @@ def _service(args: argparse.Namespace) -> int:
         from services.geofence.service import main as run_geofence
 
         asyncio.run(run_geofence())
-    else:
+    elif args.command == "dosage":
         from services.dosage.service import main as run_dosage
 
         asyncio.run(run_dosage())
+    else:
+        from services.api.service import main as run_api
+
+        asyncio.run(run_api())
     return 0
+
+
+def _admin(args: argparse.Namespace) -> int:
+    from dosewatch.admin import run
+
+    return run(args)
 
 
 def _zones(args: argparse.Namespace) -> int:

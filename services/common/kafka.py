@@ -68,6 +68,18 @@ def consumer(settings: CommonSettings, group_id: str, *topics: str) -> AIOKafkaC
     )
 
 
+def reader(settings: CommonSettings) -> AIOKafkaConsumer:
+    """A consumer outside any group, for readers that take every partition (`assign`)."""
+    return AIOKafkaConsumer(
+        bootstrap_servers=settings.kafka_bootstrap,
+        group_id=None,
+        enable_auto_commit=False,
+        fetch_max_wait_ms=max(1, settings.fetch_max_wait_ms),
+        max_poll_records=settings.max_poll_records,
+        **_security(settings),
+    )
+
+
 async def ensure_topics(settings: CommonSettings, topics: dict[str, dict[str, str]]) -> None:
     """Create what is missing (when allowed); an existing topic is left as it is."""
     if not settings.create_topics:

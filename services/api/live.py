@@ -1,0 +1,163 @@
+"""Feeds the API's in-memory view: zone statuses (the compacted topic, from the beginning),
+units' last fixes (avl.pings, from now on) and zone metadata (PostgreSQL, with NOTIFY).
+
+Every replica reads every partition without a consumer group: each serves all zones."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from typing import Any
+
+import asyncpg
+import orjson
+import shapely
+from aiokafka import AIOKafkaConsumer, TopicPartition
+
+from schemas.zone import ZoneFeature
+from services.api.context import ApiContext, Fix, ZoneInfo
+from services.common import kafka
+from services.common.zonestore import CHANNEL
+
+log = logging.getLogger(__name__)
+
+_ZERO_SHIFT = {"presence_s": 0.0, "officer_s": 0.0, "visits": 0, "dosed_visits": 0}
+
+
+def initial_status(info: ZoneInfo, target_s: float) -> dict[str, Any]:
+    """A zone nobody has visited since dosage started: due, with nothing present. Its as_of
+    is the epoch, so the first real status replaces it."""
+    epoch = "1970-01-01T00:00:00.000Z"
+    return {
+        "zone_id": info.zone_id, "status": "due", "as_of": epoch, "occupied_since": None,
+        "elapsed_s": 0.0, "remaining_s": 0.0, "target_s": target_s, "units_present": [],
+        "units": [], "last_dosed_end": None,
+        "shift": {"zone_id": info.zone_id, "period_start": epoch, "period_end": epoch,
+                  **_ZERO_SHIFT},
+    }  # fmt: skip
+
+
+def zone_info(feature: dict[str, Any]) -> ZoneInfo:
+    zone = ZoneFeature.model_validate(feature)
+    props = zone.properties.model_dump(exclude_none=True)
+    w, s, e, n = (float(v) for v in shapely.bounds(zone.shape()))
+    district = props.get("district")
+    return ZoneInfo(zone.zone_id, props.get("name"),
+                    str(district) if district is not None else None, (w, s, e, n),
+                    feature)  # fmt: skip
+
+
+class LiveFeed:
+    def __init__(self, ctx: ApiContext) -> None:
+        self.ctx = ctx
+        self.consumer: AIOKafkaConsumer | None = None
+        self._listen: asyncpg.Connection | None = None
+        self._zones_changed = asyncio.Event()
+
+    async def start(self) -> None:
+        s = self.ctx.settings
+        await self.load_zones()
+        self._listen = await asyncpg.connect(s.database_url.get_secret_value())
+        await self._listen.add_listener(CHANNEL, lambda *_: self._zones_changed.set())
+        status_topic, pings_topic = s.topic("dosage.zone-status"), s.topic_pings
+        await kafka.ensure_topics(s, {status_topic: kafka.COMPACTED, pings_topic: {}})
+        self.consumer = kafka.reader(s)
+        await self.consumer.start()
+        await self.consumer.topics()  # metadata for every topic
+        parts: list[TopicPartition] = []
+        for topic in (status_topic, pings_topic):
+            found = self.consumer.partitions_for_topic(topic) or set()
+            parts += [TopicPartition(topic, p) for p in sorted(found)]
+        self.consumer.assign(parts)
+        for tp in parts:
+            if tp.topic == status_topic:
+                await self.consumer.seek_to_beginning(tp)
+            else:
+                await self.consumer.seek_to_end(tp)
+        await self._catch_up()
+
+    async def _catch_up(self) -> None:
+        """Read statuses until a fetch comes back empty: then this replica is current."""
+        assert self.consumer is not None
+        while True:
+            batches = await self.consumer.getmany(timeout_ms=300)
+            if not batches:
+                break
+            self._apply(batches)
+        target = self.ctx.settings.dosage.rules_for().target_ms / 1000
+        for zone_id, info in self.ctx.zones.items():
+            if zone_id not in self.ctx.book.zones:
+                self.ctx.book.apply(initial_status(info, target))
+        self.ctx.ready = True
+
+    async def load_zones(self) -> None:
+        async with self.ctx.pool.acquire() as conn:
+            rows = await conn.fetch(
+                "SELECT feature::text AS feature FROM zones WHERE NOT deleted ORDER BY zone_id"
+            )
+        zones = {}
+        for r in rows:
+            info = zone_info(orjson.loads(r["feature"]))
+            zones[info.zone_id] = info
+        gone = set(self.ctx.zones) - set(zones)
+        self.ctx.zones = zones
+        target = self.ctx.settings.dosage.rules_for().target_ms / 1000
+        for zone_id in gone:
+            if self.ctx.book.remove(zone_id) is not None:
+                self.ctx.changed.set()
+        if self.ctx.ready:
+            for zone_id, info in zones.items():
+                if zone_id not in self.ctx.book.zones:
+                    self.ctx.book.apply(initial_status(info, target))
+                    self.ctx.changed.set()
+
+    def _apply(self, batches: dict[TopicPartition, list[Any]]) -> None:
+        status_topic = self.ctx.settings.topic("dosage.zone-status")
+        changed = False
+        for tp, records in batches.items():
+            if tp.topic == status_topic:
+                for r in records:
+                    try:
+                        status = orjson.loads(r.value)
+                        changed |= self.ctx.book.apply(status) is not None
+                    except (orjson.JSONDecodeError, KeyError, TypeError):
+                        where = {"partition": tp.partition, "offset": r.offset}
+                        log.error("unreadable zone status skipped", extra=where)
+            else:
+                for r in records:
+                    with contextlib.suppress(orjson.JSONDecodeError, KeyError, TypeError):
+                        p = orjson.loads(r.value)
+                        self.ctx.fixes[p["unit_id"]] = Fix(p["lat"], p["lon"], p["ts"],
+                                                           r.timestamp / 1000)  # fmt: skip
+        if changed:
+            self.ctx.changed.set()
+
+    async def run(self) -> None:
+        assert self.consumer is not None
+        zones = asyncio.create_task(self._follow_zones())
+        try:
+            while True:
+                batches = await self.consumer.getmany(timeout_ms=200)
+                if batches:
+                    self._apply(batches)
+        finally:
+            zones.cancel()
+
+    async def _follow_zones(self) -> None:
+        while True:
+            await self._zones_changed.wait()
+            self._zones_changed.clear()
+            try:
+                await self.load_zones()
+            except (asyncpg.PostgresError, OSError) as exc:
+                log.warning("zone reload failed; retrying", extra={"error": str(exc)})
+                await asyncio.sleep(1.0)
+                self._zones_changed.set()
+
+    async def stop(self) -> None:
+        if self.consumer is not None:
+            await self.consumer.stop()
+        if self._listen is not None:
+            with contextlib.suppress(Exception):
+                await self._listen.close()
