@@ -14,9 +14,10 @@ INSIDE_Z000 = (-73.99308646946923, 40.71047563789939)
 
 
 async def _scenario(kafka_bootstrap: str, database_url: str, topic_prefix: str) -> None:
-    async with api_stack(kafka_bootstrap, database_url, topic_prefix) as st, httpx.AsyncClient(
-        base_url=st.base, timeout=10
-    ) as http:
+    async with (
+        api_stack(kafka_bootstrap, database_url, topic_prefix) as st,
+        httpx.AsyncClient(base_url=st.base, timeout=10) as http,
+    ):
         # Before anything happens every zone is due.
         r = await http.get("/v1/zones/status", headers=st.headers("dispatcher"))
         assert r.status_code == 200
