@@ -66,7 +66,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     up.add_argument("--state-dir", type=Path, default=Path(".dosewatch"))
     up.add_argument("--demo", action="store_true", help="load a demo city and stream its patrols")
-    up.add_argument("--speed", type=float, default=10.0, help="demo time multiplier")
+    up.add_argument(
+        "--speed",
+        type=float,
+        default=1.0,
+        help="demo patrols run this many times faster (dwell times shrink too)",
+    )
     up.add_argument("--units", type=int, default=25, help="demo patrol units")
     up.add_argument("--demo-zones", type=int, default=60, dest="demo_zones")
     for name, text in (("ingest", "validate raw AVL input (Kafka and HTTP)"),

@@ -2,7 +2,9 @@
 
 With no DOSEWATCH_KAFKA_BOOTSTRAP it runs the Tansu broker (in memory); with no
 DOSEWATCH_DATABASE_URL it runs PostgreSQL with its data under the state directory. Then
-migrations, topics and the three services; Ctrl-C stops everything and leaves no process.
+migrations, topics, the three services and the API; Ctrl-C stops everything and leaves no
+process. With the embedded database it also keeps a development admin key in
+`<state-dir>/admin.key` (created once, mode 0600), so the API can be tried at once.
 """
 
 from __future__ import annotations
@@ -22,7 +24,10 @@ from aiokafka import AIOKafkaProducer
 from pydantic import Field, SecretStr
 
 from dosewatch.demo import make_pings, make_zones
-from schemas.timefmt import parse_ts
+from schemas.timefmt import format_ts, parse_ts
+from services.api import keys
+from services.api.service import ApiService
+from services.api.settings import ApiSettings
 from services.common import db, kafka
 from services.common.embedded import EmbeddedKafka, EmbeddedPostgres, free_port
 from services.common.settings import CommonSettings
@@ -37,6 +42,7 @@ log = logging.getLogger("dosewatch.up")
 class UpSettings(CommonSettings):
     embedded_kafka_port: int = Field(9092, ge=1, le=65535)
     embedded_postgres_port: int = Field(0, ge=0, le=65535)  # 0: any free port
+    api_port: int = Field(8000, ge=0, le=65535)
 
 
 async def up(state_dir: Path, demo: bool, speed: float, units: int, zones: int) -> None:
@@ -73,6 +79,9 @@ async def up(state_dir: Path, demo: bool, speed: float, units: int, zones: int) 
                 # one would point past its end. Start consistent instead of resuming.
                 await conn.execute("DELETE FROM consumer_offsets")
                 await conn.execute("DELETE FROM partition_state")
+            admin_key = None
+            if any(isinstance(e, EmbeddedPostgres) for e in embedded):
+                admin_key = await _dev_admin_key(conn, state_dir)
             if demo:
                 doc = {"type": "FeatureCollection", "features": make_zones(7, zones)}
                 _written, errors = await import_zones(conn, doc)
@@ -80,11 +89,14 @@ async def up(state_dir: Path, demo: bool, speed: float, units: int, zones: int) 
                     raise RuntimeError(f"demo zones invalid: {errors[:3]}")
         finally:
             await conn.close()
-        shared = settings.model_dump(exclude={"embedded_kafka_port", "embedded_postgres_port"})
+        shared = settings.model_dump(
+            exclude={"embedded_kafka_port", "embedded_postgres_port", "api_port"}
+        )
         services = [
             IngestService(IngestSettings(**shared)),
             GeofenceService(GeofenceSettings(**shared)),
             DosageService(DosageSettings(**shared)),
+            ApiService(ApiSettings(**shared, api_port=settings.api_port)),
         ]
         for service in services:
             await service.start()
@@ -92,7 +104,8 @@ async def up(state_dir: Path, demo: bool, speed: float, units: int, zones: int) 
         if demo:
             tasks.append(asyncio.create_task(_stream_demo(settings, speed, units, zones)))
         ports = ", ".join(f"{s.name} http://127.0.0.1:{s.http.port}" for s in services)
-        print(f"dosewatch ready: kafka {settings.kafka_bootstrap}; {ports}", flush=True)
+        key = f"; admin key in {admin_key}" if admin_key else ""
+        print(f"dosewatch ready: kafka {settings.kafka_bootstrap}; {ports}{key}", flush=True)
         waiter = asyncio.create_task(stop.wait())
         done, _ = await asyncio.wait([waiter, *tasks], return_when=asyncio.FIRST_COMPLETED)
         for task in done:
@@ -111,8 +124,26 @@ async def up(state_dir: Path, demo: bool, speed: float, units: int, zones: int) 
         print("dosewatch stopped", flush=True)
 
 
+async def _dev_admin_key(conn: asyncpg.Connection, state_dir: Path) -> Path:
+    """An admin key for the embedded stack, kept beside its data (never in the repository)."""
+    path = state_dir / "admin.key"
+    if path.exists():
+        token = path.read_text().strip()
+        if await keys.lookup(conn, token) is not None:
+            return path
+    token, _ = await keys.create_key(conn, "admin", None, "dosewatch up (development)",
+                                     "dosewatch-up", "dosewatch/up")  # fmt: skip
+    path.touch(mode=0o600)
+    path.write_text(token + "\n")
+    return path
+
+
 async def _stream_demo(settings: UpSettings, speed: float, units: int, zones: int) -> None:
-    """The demo city's patrols as live AVL input, `speed` times faster than real time."""
+    """The demo city's patrols as live AVL input, `speed` times faster than real time.
+
+    Each ping is stamped with the wall time it is sent at, as a real AVL unit would: ingest
+    refuses timestamps far in the future, so at speed > 1 the patrols (and their dwell
+    times) are compressed rather than run ahead of the clock."""
     features = make_zones(7, zones)
     start_ms = int(time.time() * 1000)
     producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap, linger_ms=5)
@@ -129,6 +160,7 @@ async def _stream_demo(settings: UpSettings, speed: float, units: int, zones: in
                     await out.send(settings.topic_raw, batch)
                     batch = []
                 await asyncio.sleep(wait)
+            ping["ts"] = format_ts(int(time.time() * 1000))
             batch.append((ping["unit_id"].encode(), orjson.dumps(ping)))
     finally:
         await producer.stop()

@@ -4,6 +4,7 @@ whether it is stopped with Ctrl-C or killed with SIGKILL."""
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -11,6 +12,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import httpx
 import pytest
 
 from services.common.embedded import free_port
@@ -44,7 +46,11 @@ def alive(pids: set[int]) -> set[int]:
 def start_up(state: Path) -> tuple[subprocess.Popen[str], list[str]]:
     env = {k: v for k, v in os.environ.items()
            if k not in ("DOSEWATCH_KAFKA_BOOTSTRAP", "DOSEWATCH_DATABASE_URL")}  # fmt: skip
-    env |= {"DOSEWATCH_EMBEDDED_KAFKA_PORT": str(free_port()), "DOSEWATCH_LOG_LEVEL": "WARNING"}
+    env |= {
+        "DOSEWATCH_EMBEDDED_KAFKA_PORT": str(free_port()),
+        "DOSEWATCH_LOG_LEVEL": "WARNING",
+        "DOSEWATCH_API_PORT": str(free_port()),
+    }
     proc = subprocess.Popen(
         [sys.executable, "-m", "dosewatch.cli", "up", "--state-dir", str(state)],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -75,6 +81,14 @@ def test_up_ready_then_ctrl_c_stops_everything(state_dir: Path) -> None:
     kids = children(proc.pid)
     assert len(alive(kids)) >= 2  # the broker and PostgreSQL
     assert "ingest http://" in lines[-1] and "dosage http://" in lines[-1]
+    # The API is up, and the development admin key it announces works.
+    api = re.search(r"api (http://[0-9.:]+)", lines[-1])
+    assert api is not None and "admin key in" in lines[-1]
+    token = (state_dir / "admin.key").read_text().strip()
+    assert (state_dir / "admin.key").stat().st_mode & 0o077 == 0
+    r = httpx.get(f"{api.group(1)}/v1/zones/status", headers={"Authorization": f"Bearer {token}"})
+    assert r.status_code == 200 and "zones" in r.json()
+    assert httpx.get(f"{api.group(1)}/v1/zones/status").status_code == 401
     proc.send_signal(signal.SIGINT)
     rest, _ = proc.communicate(timeout=30)
     assert proc.returncode == 0

@@ -21,6 +21,8 @@ log = logging.getLogger(__name__)
 
 
 class ApiService:
+    name = "api"
+
     def __init__(self, settings: ApiSettings) -> None:
         self.settings = settings
         self.pool: asyncpg.Pool | None = None
