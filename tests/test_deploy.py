@@ -21,6 +21,7 @@ import yaml
 from pydantic import BaseModel
 
 from dosewatch.cli import _parser
+from services.api.settings import ApiSettings
 from services.common.settings import CommonSettings
 from services.dosage.service import DosageSettings
 from services.geofence.service import GeofenceSettings
@@ -36,13 +37,15 @@ SERVICES: dict[str, type[CommonSettings]] = {
     "ingest": IngestSettings,
     "geofence": GeofenceSettings,
     "dosage": DosageSettings,
+    "api": ApiSettings,
 }
 STATEFUL = ("geofence", "dosage")  # consumer-group members with state in PostgreSQL
 PREFIX = "DOSEWATCH_"
 PLACEHOLDER = "CHANGE-ME"
 # Settings that hold a secret: never given a value in a manifest, only through *_FILE (or, in
 # Compose, a ${VAR} reference to the operator's environment).
-SECRET_SETTINGS = {"DOSEWATCH_KAFKA_SASL_PASSWORD", "DOSEWATCH_DATABASE_URL"}
+SECRET_SETTINGS = {"DOSEWATCH_KAFKA_SASL_PASSWORD", "DOSEWATCH_DATABASE_URL",
+                   "DOSEWATCH_JWT_SECRET"}  # fmt: skip
 SECRET_KEY = re.compile(r"PASSWORD|PASSWD|SECRET|TOKEN|CREDENTIAL", re.IGNORECASE)
 URL_PASSWORD = re.compile(r"[a-z][a-z0-9+.-]*://[^/@\s:]+:(?P<password>[^@\s]*)@", re.IGNORECASE)
 # A Compose reference that must come from the environment: ${VAR} or ${VAR:?message}, never a
@@ -99,6 +102,15 @@ def test_cli_runs_each_service_by_name() -> None:
     assert scripts.get("dosewatch") == "dosewatch.cli:main"
     for name in SERVICES:
         assert _parser().parse_args([name]).command == name
+
+
+def assert_group_or_api(name: str, s: CommonSettings) -> None:
+    """Consumer-group members are named dosewatch-<service>; the API is in no group (every
+    replica reads every partition) and serves its probes on its own port."""
+    if isinstance(s, ApiSettings):
+        assert (s.api_host, s.api_port) == (s.http_host, s.http_port), f"{name}: probe port"
+    else:
+        assert getattr(s, "group_id", None) == f"dosewatch-{name}"
 
 
 # -- YAML helpers ------------------------------------------------------------------------------
@@ -195,7 +207,7 @@ def test_compose_services_match_settings_and_commands(
         s = build_settings(cls, {k: interpolate(v) for k, v in env.items()}, monkeypatch)
         assert s.http_host == "0.0.0.0"
         assert s.http_port > 0
-        assert getattr(s, "group_id", None) == f"dosewatch-{name}"
+        assert_group_or_api(name, s)
         health = " ".join(svc["healthcheck"]["test"])
         m = re.search(r"https?://[^/\s:]+:(\d+)/readyz\b", health)
         assert m, f"{name}: healthcheck does not probe /readyz"
@@ -456,7 +468,7 @@ def test_k8s_deployments_match_settings_commands_probes_and_partitions(
 
         s = build_settings(cls, stand_ins, monkeypatch)
         assert s.http_host == "0.0.0.0"
-        assert getattr(s, "group_id", None) == f"dosewatch-{name}"
+        assert_group_or_api(name, s)
         if s.kafka_sasl_mechanism is not None:
             assert s.kafka_sasl_password is not None, f"{name}: SASL without a password file"
         if name in STATEFUL:
