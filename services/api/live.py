@@ -86,6 +86,8 @@ class LiveFeed:
                 break
             self._apply(batches)
         target = self.ctx.settings.dosage.rules_for().target_ms / 1000
+        for zone_id in set(self.ctx.book.zones) - set(self.ctx.zones):
+            self.ctx.book.remove(zone_id)  # deleted zones' last statuses stay on the topic
         for zone_id, info in self.ctx.zones.items():
             if zone_id not in self.ctx.book.zones:
                 self.ctx.book.apply(initial_status(info, target))
