@@ -11,7 +11,15 @@ from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from services.api import routes_audit, routes_history, routes_status, routes_units, routes_zones, ws
+from services.api import (
+    routes_audit,
+    routes_history,
+    routes_map,
+    routes_status,
+    routes_units,
+    routes_zones,
+    ws,
+)
 from services.api.context import ApiContext
 
 log = logging.getLogger(__name__)
@@ -97,7 +105,9 @@ def create_app(ctx: ApiContext) -> FastAPI:
     async def metrics() -> Response:
         return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
-    for module in (routes_status, routes_units, routes_zones, routes_history, routes_audit, ws):
+    routers = (routes_status, routes_units, routes_map, routes_zones, routes_history,
+               routes_audit, ws)  # fmt: skip
+    for module in routers:
         app.include_router(module.router)
     app.add_middleware(BodyLimit, max_bytes=ctx.settings.max_body_bytes)
     return app
