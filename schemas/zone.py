@@ -2,16 +2,26 @@
 
 from __future__ import annotations
 
+import itertools
 from typing import Annotated, Any, Literal
 
 import shapely
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from shapely.geometry.base import BaseGeometry
 from shapely.validation import explain_validity
 
 Position = Annotated[list[float], Field(min_length=2, max_length=3)]
 Ring = list[Position]
 ZONE_ID_PATTERN = r"^[A-Za-z0-9._:-]{1,64}$"
+Day = Literal["mon", "tue", "wed", "thu", "fri", "sat", "sun"]
+DAYS: tuple[Day, ...] = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
 
 
 class PolygonGeometry(BaseModel):
@@ -26,6 +36,26 @@ class MultiPolygonGeometry(BaseModel):
     coordinates: Annotated[list[Annotated[list[Ring], Field(min_length=1)]], Field(min_length=1)]
 
 
+class ScheduleWindow(BaseModel):
+    """A weekly window in the agency timezone, opening on each of `days` at `start`. An `end`
+    at or before `start` closes on the next day; "24:00" ends at midnight."""
+
+    model_config = ConfigDict(extra="forbid")
+    days: Annotated[list[Day], Field(min_length=1, max_length=7)]
+    start: Annotated[str, Field(pattern=r"^([01][0-9]|2[0-3]):[0-5][0-9]$", examples=["18:00"])]
+    end: Annotated[
+        str, Field(pattern=r"^(([01][0-9]|2[0-3]):[0-5][0-9]|24:00)$", examples=["02:00"])
+    ]
+
+    @model_validator(mode="after")
+    def _check(self) -> ScheduleWindow:
+        if len(set(self.days)) != len(self.days):
+            raise ValueError("a day is listed twice")
+        if self.start == self.end:
+            raise ValueError("start and end are equal: for a whole day use 00:00 to 24:00")
+        return self
+
+
 class ZoneProperties(BaseModel):
     """Known properties are checked; anything else (district, notes) is kept as it is."""
 
@@ -35,6 +65,30 @@ class ZoneProperties(BaseModel):
     target_s: Annotated[float, Field(gt=0, allow_inf_nan=False)] | None = None
     min_visit_s: Annotated[float, Field(ge=0, allow_inf_nan=False)] | None = None
     max_visit_s: Annotated[float, Field(gt=0, allow_inf_nan=False)] | None = None
+    # When the zone is patrolled; absent means always. Outside it its status is `inactive`.
+    schedule: Annotated[list[ScheduleWindow], Field(min_length=1, max_length=50)] | None = None
+
+    @field_validator("schedule", mode="before")
+    @classmethod
+    def _not_empty(cls, value: Any) -> Any:
+        if value == []:
+            raise ValueError("an empty schedule is never active: leave it out to mean always")
+        return value
+
+    @model_validator(mode="after")
+    def _check(self) -> ZoneProperties:
+        # Only what is given here: agency defaults fill the rest and are checked where known.
+        check_visit_limits(self.min_visit_s, self.target_s, self.max_visit_s)
+        return self
+
+
+def check_visit_limits(min_s: float | None, target_s: float | None, max_s: float | None) -> None:
+    """min_visit_s <= target_s <= max_visit_s among the values given (ValueError otherwise)."""
+    given = (("min_visit_s", min_s), ("target_s", target_s), ("max_visit_s", max_s))
+    named = [(n, v) for n, v in given if v is not None]
+    for (a, va), (b, vb) in itertools.pairwise(named):
+        if va > vb:
+            raise ValueError(f"{a} ({va:g}) must not be more than {b} ({vb:g})")
 
 
 class ZoneFeature(BaseModel):

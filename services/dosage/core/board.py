@@ -3,6 +3,9 @@
 Status is a function of time (a zone turns `met` fifteen minutes after it became occupied, and
 `due` again `revisit_s` after its last dosed presence), so the board keeps one deadline per zone
 and reports each change at the instant it happened, not when somebody next looked.
+
+A zone with a schedule is `inactive` outside its windows, whatever else holds; its window edges
+are deadlines too. Visits go on being counted there: only the live status is affected.
 """
 
 from __future__ import annotations
@@ -90,6 +93,8 @@ class ZoneBoard:
         self._deadlines: list[tuple[int, str, int]] = []
         # Zones whose state changed since the owner last saved it.
         self.dirty: set[str] = set()
+        # Scheduled zones to judge once the board has a clock (see `rules_changed`).
+        self._unjudged: set[str] = set()
 
     # -- input -------------------------------------------------------------------------------
 
@@ -136,6 +141,12 @@ class ZoneBoard:
                 self.clock = max(at, self.clock or at)
                 self._refresh(zone, at, out)
         self.clock = clock
+        if self._unjudged:
+            for zone_id in sorted(self._unjudged):
+                zone = self.zones.get(zone_id)
+                if zone is not None:
+                    self._refresh(zone, clock, out)
+            self._unjudged.clear()
         return out
 
     def upsert_zone(self, zone_id: str, rules: ZoneRules) -> None:
@@ -145,8 +156,27 @@ class ZoneBoard:
         else:
             zone.rules = rules
 
+    def rules_changed(self, zone_id: str) -> list[StatusChange]:
+        """For the board that owns the zone (its events come here), after `upsert_zone`.
+
+        A zone with a schedule, or still `inactive` from one it no longer has, is judged now
+        and gets its window edges as deadlines, visited or not. Other edits take effect at the
+        zone's next event, as they always have."""
+        out: list[StatusChange] = []
+        zone = self.zones.get(zone_id)
+        if zone is None or (
+            zone.rules.schedule is None and zone.status is not ZoneStatusKind.INACTIVE
+        ):
+            return out
+        if self.clock is None:
+            self._unjudged.add(zone_id)  # judged at the first clock, never as of the epoch
+        else:
+            self._refresh(zone, self.clock, out)
+        return out
+
     def remove_zone(self, zone_id: str) -> None:
         self.zones.pop(zone_id, None)
+        self._unjudged.discard(zone_id)
 
     # -- output ------------------------------------------------------------------------------
 
@@ -183,6 +213,9 @@ class ZoneBoard:
     # -- rules -------------------------------------------------------------------------------
 
     def _status(self, zone: ZoneLive, now: int) -> ZoneStatusKind:
+        schedule = zone.rules.schedule
+        if schedule is not None and not schedule.is_active(now):
+            return ZoneStatusKind.INACTIVE
         if zone.present and zone.occupied_since is not None:
             elapsed = now - zone.occupied_since
             if elapsed > zone.rules.max_visit_ms:
@@ -195,6 +228,16 @@ class ZoneBoard:
         return ZoneStatusKind.SATISFIED
 
     def _next_change(self, zone: ZoneLive, now: int) -> int | None:
+        schedule = zone.rules.schedule
+        if schedule is None:
+            return self._next_dosage_change(zone, now)
+        edge = schedule.next_boundary(now)
+        if not schedule.is_active(now):
+            return edge  # inactive until then, whatever the visits do
+        deadline = self._next_dosage_change(zone, now)
+        return edge if deadline is None else min(edge, deadline)
+
+    def _next_dosage_change(self, zone: ZoneLive, now: int) -> int | None:
         if zone.present and zone.occupied_since is not None:
             if now - zone.occupied_since < zone.rules.target_ms:
                 return zone.occupied_since + zone.rules.target_ms
@@ -258,6 +301,9 @@ class ZoneBoard:
         zone.last_dosed_end = data["last_dosed_end"]
         zone.status = ZoneStatusKind(data["status"])
         zone.stages = dict(data.get("stages", {}))
+        if zone.rules.schedule is not None and self.clock is None:
+            self._unjudged.add(zone_id)
+            return
         deadline = self._next_change(zone, self._now(None))
         if deadline is not None:
             heapq.heappush(self._deadlines, (deadline, zone_id, zone.generation))

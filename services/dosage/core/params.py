@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from services.dosage.core.schedule import WeeklySchedule
+
 
 class DosageParams(BaseModel):
     """Agency defaults. Seconds and metres, as agencies state them."""
@@ -38,12 +40,14 @@ class DosageParams(BaseModel):
         target_s: float | None = None,
         min_visit_s: float | None = None,
         max_visit_s: float | None = None,
+        schedule: WeeklySchedule | None = None,
     ) -> ZoneRules:
         """Per-zone overrides win over the agency defaults."""
         return ZoneRules(
             min_visit_ms=seconds_to_ms(self.min_visit_s if min_visit_s is None else min_visit_s),
             target_ms=seconds_to_ms(self.target_s if target_s is None else target_s),
             max_visit_ms=seconds_to_ms(self.max_visit_s if max_visit_s is None else max_visit_s),
+            schedule=schedule,
         )
 
 
@@ -54,6 +58,9 @@ class ZoneRules:
     min_visit_ms: int
     target_ms: int
     max_visit_ms: int
+    # When the zone is patrolled (None: always). Visits count either way; only the live
+    # status reads it.
+    schedule: WeeklySchedule | None = None
 
 
 def seconds_to_ms(seconds: float) -> int:
