@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import FileResponse, JSONResponse
+from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -105,6 +107,18 @@ def create_app(ctx: ApiContext) -> FastAPI:
     async def metrics() -> Response:
         return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
+    console = Path(__file__).parent / "console"
+
+    @app.get("/", include_in_schema=False)
+    async def console_page() -> FileResponse:
+        return FileResponse(console / "index.html")
+
+    @app.get("/console/config.json", include_in_schema=False)
+    async def console_config() -> dict[str, Any]:
+        s = ctx.settings
+        return {"basemap_url": s.basemap_url, "basemap_attribution": s.basemap_attribution}
+
+    app.mount("/console", StaticFiles(directory=console), name="console")
     routers = (routes_status, routes_units, routes_map, routes_zones, routes_history,
                routes_audit, ws)  # fmt: skip
     for module in routers:

@@ -45,6 +45,12 @@ class ApiSettings(CommonSettings):
     send_timeout_s: float = Field(10.0, gt=0)
     nearest_due: int = Field(5, ge=0, le=50)
 
+    # -- console ------------------------------------------------------------------------------
+    # An XYZ tile URL for the console's basemap, e.g. https://tile.example.org/{z}/{x}/{y}.png;
+    # none: a plain background (the console needs no internet).
+    basemap_url: str | None = None
+    basemap_attribution: str = ""
+
     @model_validator(mode="after")
     def _jwt_secret_from_file(self) -> ApiSettings:
         if self.jwt_secret_file is not None:

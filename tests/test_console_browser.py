@@ -1,0 +1,77 @@
+"""The dispatcher console in headless Chromium (Debian's package) against the running stack:
+zones render, a zone turns active when a unit enters it, its meter ticks locally, and a
+console that loses its websocket reconnects and catches up."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from tests.api_helpers import api_stack, ping
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+INSIDE = {
+    "Z000": (-73.99308646946923, 40.71047563789939),
+    "Z001": (-73.9969840671398, 40.721618846921444),
+}
+
+pytestmark = pytest.mark.skipif(
+    not Path(CHROMIUM).exists(), reason="needs Debian's chromium (.ci/run installs it)"
+)
+
+
+async def _scenario(kafka_bootstrap: str, database_url: str, topic_prefix: str,
+                    shot: Path) -> None:  # fmt: skip
+    from playwright.async_api import async_playwright
+
+    async with (
+        api_stack(kafka_bootstrap, database_url, topic_prefix) as st,
+        async_playwright() as pw,
+    ):
+        browser = await pw.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        try:
+            page = await browser.new_page(viewport={"width": 1400, "height": 900})
+            errors: list[str] = []
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            await page.goto(f"{st.base}/#key={st.tokens['dispatcher']}")
+            await page.wait_for_function("window.dosewatch.renderedZones() === 12")
+            await page.wait_for_selector('#conn[data-state="open"]')
+            await page.wait_for_function("window.dosewatch.zoneStatus('Z000') === 'due'")
+            assert "key=" not in page.url  # the key leaves the address bar
+
+            await st.send_pings([ping("car-7", *INSIDE["Z000"])])
+            await page.wait_for_function("window.dosewatch.zoneStatus('Z000') === 'active'")
+            await page.click('#zone-list button[data-zone-id="Z000"]')
+            await page.wait_for_selector("#detail:not([hidden])")
+            assert "car-7" in await page.inner_text("#detail-units")
+            first = await page.inner_text("#meter-elapsed")
+            # The meter ticks in the page between status updates (none arrive meanwhile).
+            await page.wait_for_function(
+                f"document.getElementById('meter-elapsed').textContent !== {first!r}",
+                timeout=10_000,
+            )
+            await page.wait_for_function("window.dosewatch.units() >= 1", timeout=10_000)
+            await page.screenshot(path=str(shot))
+
+            # Lose the websocket; a change made meanwhile arrives after the reconnect.
+            await page.evaluate("window.dosewatch.dropConnection()")
+            await page.wait_for_selector('#conn[data-state="reconnecting"]')
+            await st.send_pings([ping("car-8", *INSIDE["Z001"])])
+            await page.wait_for_selector('#conn[data-state="open"]', timeout=20_000)
+            await page.wait_for_function("window.dosewatch.zoneStatus('Z001') === 'active'")
+            assert await page.evaluate("window.dosewatch.zoneStatus('Z000')") == "active"
+            assert not errors, errors
+        finally:
+            await browser.close()
+
+
+def test_console_in_chromium(
+    kafka_bootstrap: str, database_url: str, topic_prefix: str, tmp_path: Path
+) -> None:
+    shot = Path(os.environ.get("DOSEWATCH_SCREENSHOT", tmp_path / "console.png"))
+    asyncio.run(_scenario(kafka_bootstrap, database_url, topic_prefix, shot))
+    assert shot.stat().st_size > 10_000
