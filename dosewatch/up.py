@@ -4,7 +4,8 @@ With no DOSEWATCH_KAFKA_BOOTSTRAP it runs the Tansu broker (in memory); with no
 DOSEWATCH_DATABASE_URL it runs PostgreSQL with its data under the state directory. Then
 migrations, topics, the three services and the API; Ctrl-C stops everything and leaves no
 process. With the embedded database it also keeps a development admin key in
-`<state-dir>/admin.key` (created once, mode 0600), so the API can be tried at once.
+`<state-dir>/admin.key` and a dispatcher key for the console in `<state-dir>/dispatcher.key`
+(created once, mode 0600), so the API and the console can be tried at once.
 """
 
 from __future__ import annotations
@@ -79,9 +80,10 @@ async def up(state_dir: Path, demo: bool, speed: float, units: int, zones: int) 
                 # one would point past its end. Start consistent instead of resuming.
                 await conn.execute("DELETE FROM consumer_offsets")
                 await conn.execute("DELETE FROM partition_state")
-            admin_key = None
+            admin_key = console_key = None
             if any(isinstance(e, EmbeddedPostgres) for e in embedded):
-                admin_key = await _dev_admin_key(conn, state_dir)
+                admin_key = await _dev_key(conn, state_dir, "admin")
+                console_key = await _dev_key(conn, state_dir, "dispatcher")
             if demo:
                 doc = {"type": "FeatureCollection", "features": make_zones(7, zones)}
                 _written, errors = await import_zones(conn, doc)
@@ -106,6 +108,11 @@ async def up(state_dir: Path, demo: bool, speed: float, units: int, zones: int) 
         ports = ", ".join(f"{s.name} http://127.0.0.1:{s.http.port}" for s in services)
         key = f"; admin key in {admin_key}" if admin_key else ""
         print(f"dosewatch ready: kafka {settings.kafka_bootstrap}; {ports}{key}", flush=True)
+        console = f"http://127.0.0.1:{services[-1].http.port}/"
+        if console_key is not None:
+            # The key rides in the fragment, which the browser never sends to a server.
+            console += "#key=" + console_key.read_text().strip()
+        print(f"console (dispatcher): {console}", flush=True)
         waiter = asyncio.create_task(stop.wait())
         done, _ = await asyncio.wait([waiter, *tasks], return_when=asyncio.FIRST_COMPLETED)
         for task in done:
@@ -124,14 +131,14 @@ async def up(state_dir: Path, demo: bool, speed: float, units: int, zones: int) 
         print("dosewatch stopped", flush=True)
 
 
-async def _dev_admin_key(conn: asyncpg.Connection, state_dir: Path) -> Path:
-    """An admin key for the embedded stack, kept beside its data (never in the repository)."""
-    path = state_dir / "admin.key"
+async def _dev_key(conn: asyncpg.Connection, state_dir: Path, role: str) -> Path:
+    """A key for the embedded stack, kept beside its data (never in the repository)."""
+    path = state_dir / f"{role}.key"
     if path.exists():
         token = path.read_text().strip()
         if await keys.lookup(conn, token) is not None:
             return path
-    token, _ = await keys.create_key(conn, "admin", None, "dosewatch up (development)",
+    token, _ = await keys.create_key(conn, role, None, "dosewatch up (development)",
                                      "dosewatch-up", "dosewatch/up")  # fmt: skip
     path.touch(mode=0o600)
     path.write_text(token + "\n")
