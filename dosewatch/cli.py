@@ -33,6 +33,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "zones": _zones,
         "keys": _admin,
         "audit": _admin,
+        "simulate": _simulate,
     }[args.command]
     try:
         return handler(args)
@@ -96,6 +97,23 @@ def _parser() -> argparse.ArgumentParser:
     audit = sub.add_parser("audit", help="the audit log")
     audit_sub = audit.add_subparsers(dest="audit_command", required=True)
     audit_sub.add_parser("verify", help="recompute the hash chain; exit 1 if it is broken")
+
+    sim = sub.add_parser(
+        "simulate",
+        help="seeded patrol units on a demo city, as live AVL input to Kafka (the raw topic, "
+        "DOSEWATCH_ settings) or the HTTP intake",
+    )
+    sim.add_argument("--units", type=int, default=25)
+    sim.add_argument("--zones", type=int, default=60, dest="n_zones", help="demo city hot spots")
+    sim.add_argument("--seed", type=int, default=7, help="the city and the patrols")
+    sim.add_argument("--rate", type=float, default=20.0, help="pings per second overall")
+    sim.add_argument("--interval", type=float, help="each unit's report interval (over --rate)")
+    sim.add_argument("--speed", type=float, default=1.0, help="time multiplier: stops shrink too")
+    sim.add_argument("--duration", type=float, help="stop after this many seconds (default: ^C)")
+    sim.add_argument("--http", metavar="URL", help="POST to the ingest HTTP intake instead")
+    sim.add_argument(
+        "--import-zones", action="store_true", help="upsert the city's zones into PostgreSQL first"
+    )
 
     schemas = sub.add_parser("schemas", help="write the wire contracts as JSON Schema")
     schemas.add_argument("--out", type=Path, default=None, help="directory (default: schemas/json)")
@@ -200,6 +218,37 @@ def _admin(args: argparse.Namespace) -> int:
     from dosewatch.admin import run
 
     return run(args)
+
+
+def _simulate(args: argparse.Namespace) -> int:
+    import signal
+
+    from dosewatch.demo import make_zones
+    from dosewatch.simulate import SimStats, SimulateError, import_city, stream
+    from services.common.settings import CommonSettings
+
+    settings = CommonSettings()
+    features = make_zones(args.seed, args.n_zones)
+
+    async def run() -> SimStats:
+        if args.import_zones:
+            print(f"{await import_city(settings, features)} zones written", flush=True)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):  # stop cleanly and still print the summary
+            loop.add_signal_handler(sig, stop.set)
+        return await stream(settings, features, seed=args.seed, units=args.units,
+                            rate=args.rate, interval_s=args.interval, speed=args.speed,
+                            duration_s=args.duration, http_url=args.http,
+                            stop_event=stop)  # fmt: skip
+
+    try:
+        stats = asyncio.run(run())
+    except SimulateError as exc:
+        print(f"dosewatch simulate: error: {exc}", file=sys.stderr)
+        return 2
+    print(stats.summary())
+    return 0
 
 
 def _zones(args: argparse.Namespace) -> int:
