@@ -354,7 +354,8 @@ def _city(features: Sequence[Mapping[str, Any]], params: DosageParams) -> _City:
             poly = max(poly.geoms, key=lambda g: g.area)
         point = poly.centroid if poly.contains(poly.centroid) else poly.representative_point()
         props = feature.get("properties") or {}
-        target = float(props.get("target_s") or params.target_s)
+        max_visit = float(props.get("max_visit_s") or params.max_visit_s)
+        target = min(float(props.get("target_s") or params.target_s), max_visit)
         spots.append(
             _Spot(
                 zone_id=str(props.get("zone_id") or feature.get("id")),
@@ -363,7 +364,7 @@ def _city(features: Sequence[Mapping[str, Any]], params: DosageParams) -> _City:
                 radius=min(25.0, 0.4 * poly.exterior.distance(point)),
                 min_visit_s=float(props.get("min_visit_s") or params.min_visit_s),
                 target_s=target,
-                max_visit_s=float(props.get("max_visit_s") or max(params.max_visit_s, target)),
+                max_visit_s=max_visit,
             )
         )
         minx, miny, maxx, maxy = poly.bounds
@@ -438,14 +439,17 @@ async def stream(
         for fix in fixes:
             offset_ms = (fix.ts_ms - start_ms) / speed
             wait = offset_ms / 1000 - (time.monotonic() - t0)
-            if wait > 0.02 or len(batch) >= 1000:
+            # Send what is due before waiting for the next; a send takes a round trip, so at
+            # high rates batches grow by themselves.
+            if wait > 0 or len(batch) >= 1000:
                 stats.rejected += await sink.send(batch)
                 batch = []
                 wait = offset_ms / 1000 - (time.monotonic() - t0)
-                if stop_event is None:
-                    await asyncio.sleep(max(0.0, wait))
-                elif await _stopped(stop_event, max(0.0, wait)):
-                    break
+                if wait > 0:
+                    if stop_event is None:
+                        await asyncio.sleep(wait)
+                    elif await _stopped(stop_event, wait):
+                        break
             if stop_event is not None and stop_event.is_set():
                 break
             ping = dict(fix.ping)
