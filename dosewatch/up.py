@@ -15,21 +15,18 @@ import contextlib
 import logging
 import os
 import signal
-import time
 from pathlib import Path
 from typing import Any
 
 import asyncpg
-import orjson
-from aiokafka import AIOKafkaProducer
 from pydantic import Field, SecretStr
 
-from dosewatch.demo import make_pings, make_zones
-from schemas.timefmt import format_ts, parse_ts
+from dosewatch import simulate
+from dosewatch.demo import make_zones
 from services.api import keys
 from services.api.service import ApiService
 from services.api.settings import ApiSettings
-from services.common import db, kafka
+from services.common import db
 from services.common.embedded import EmbeddedKafka, EmbeddedPostgres, free_port
 from services.common.settings import CommonSettings
 from services.common.zonestore import import_zones
@@ -146,28 +143,7 @@ async def _dev_key(conn: asyncpg.Connection, state_dir: Path, role: str) -> Path
 
 
 async def _stream_demo(settings: UpSettings, speed: float, units: int, zones: int) -> None:
-    """The demo city's patrols as live AVL input, `speed` times faster than real time.
-
-    Each ping is stamped with the wall time it is sent at, as a real AVL unit would: ingest
-    refuses timestamps far in the future, so at speed > 1 the patrols (and their dwell
-    times) are compressed rather than run ahead of the clock."""
-    features = make_zones(7, zones)
-    start_ms = int(time.time() * 1000)
-    producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap, linger_ms=5)
-    await producer.start()
-    out = kafka.BatchProducer(producer)
-    t0 = time.monotonic()
-    try:
-        batch: list[tuple[bytes, bytes]] = []
-        for ping in make_pings(7, features, units, hours=24.0, start_ms=start_ms):
-            due = (parse_ts(ping["ts"]) - start_ms) / 1000 / speed
-            wait = due - (time.monotonic() - t0)
-            if wait > 0.05:
-                if batch:
-                    await out.send(settings.topic_raw, batch)
-                    batch = []
-                await asyncio.sleep(wait)
-            ping["ts"] = format_ts(int(time.time() * 1000))
-            batch.append((ping["unit_id"].encode(), orjson.dumps(ping)))
-    finally:
-        await producer.stop()
+    """The demo city's patrols, from the simulator, as live AVL input (a report every 5 s per
+    unit, stamped with wall time; `speed` compresses the patrols)."""
+    await simulate.stream(settings, make_zones(7, zones), seed=7, units=units, interval_s=5.0,
+                          speed=speed)  # fmt: skip
