@@ -22,6 +22,7 @@ Ring = list[Position]
 ZONE_ID_PATTERN = r"^[A-Za-z0-9._:-]{1,64}$"
 Day = Literal["mon", "tue", "wed", "thu", "fri", "sat", "sun"]
 DAYS: tuple[Day, ...] = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
+WEEK_S = 604_800
 
 
 class PolygonGeometry(BaseModel):
@@ -62,9 +63,10 @@ class ZoneProperties(BaseModel):
     model_config = ConfigDict(extra="allow")
     zone_id: Annotated[str, Field(pattern=ZONE_ID_PATTERN)] | None = None
     name: str | None = None
-    target_s: Annotated[float, Field(gt=0, allow_inf_nan=False)] | None = None
-    min_visit_s: Annotated[float, Field(ge=0, allow_inf_nan=False)] | None = None
-    max_visit_s: Annotated[float, Field(gt=0, allow_inf_nan=False)] | None = None
+    # At most a week: more is a typo, and would hold a zone in one status for good.
+    target_s: Annotated[float, Field(gt=0, le=WEEK_S, allow_inf_nan=False)] | None = None
+    min_visit_s: Annotated[float, Field(ge=0, le=WEEK_S, allow_inf_nan=False)] | None = None
+    max_visit_s: Annotated[float, Field(gt=0, le=WEEK_S, allow_inf_nan=False)] | None = None
     # When the zone is patrolled; absent means always. Outside it its status is `inactive`.
     schedule: Annotated[list[ScheduleWindow], Field(min_length=1, max_length=50)] | None = None
 
