@@ -35,6 +35,7 @@ from services.dosage.core.events import (
 )
 from services.dosage.core.params import ZoneRules
 from services.dosage.core.periods import ShiftCalendar, parse_shift_starts
+from services.dosage.core.schedule import WeeklySchedule
 from services.dosage.core.tracker import VisitEventKind
 from services.dosage.periodstore import refresh_zone_periods
 
@@ -99,13 +100,13 @@ class DosageService(StatefulService):
                 return await load_zones(conn)
 
         stored = await db.retrying(load, "load zones", on_retry=self._retried)
-        defaults = self.settings.dosage
         self.rules = {
-            z.spec.zone_id: defaults.rules_for(
-                z.spec.target_s, z.spec.min_visit_s, z.spec.max_visit_s
+            z.spec.zone_id: self._rules_of(
+                z.spec.zone_id, z.spec.target_s, z.spec.min_visit_s, z.spec.max_visit_s,
+                z.spec.properties.get("schedule"),
             )
             for z in stored
-        }
+        }  # fmt: skip
         for board in self.boards.values():
             for zone_id, rules in self.rules.items():
                 board.upsert_zone(zone_id, rules)
@@ -145,8 +146,10 @@ class DosageService(StatefulService):
                           extra={"partition": partition, "offset": record.offset})  # fmt: skip
                 continue
             if kind == ZONE_CHANGED:
-                self._zone_changed(doc)
                 out.append(Output(audit=doc))
+                at = self._zone_changed(doc, board, out)
+                if at is not None:
+                    newest = at if newest is None else max(newest, at)
                 continue
             if kind not in _VISIT_TYPES:
                 continue
@@ -180,20 +183,47 @@ class DosageService(StatefulService):
             for c in changes
         ]
 
-    def _zone_changed(self, doc: dict[str, Any]) -> None:
+    def _rules_of(
+        self,
+        zone_id: str,
+        target_s: float | None,
+        min_visit_s: float | None,
+        max_visit_s: float | None,
+        schedule: Any,
+    ) -> ZoneRules:
+        parsed = None
+        if schedule is not None:
+            try:
+                parsed = WeeklySchedule.parse(schedule, self.settings.tz)
+            except ValueError as exc:
+                # Zones are validated when written: this one was edited by hand.
+                log.error("zone schedule ignored: always active",
+                          extra={"zone_id": zone_id, "error": str(exc)})  # fmt: skip
+        return self.settings.dosage.rules_for(target_s, min_visit_s, max_visit_s, parsed)
+
+    def _zone_changed(self, doc: dict[str, Any], owner: ZoneBoard, out: list[Output]) -> int | None:
+        """Apply a zone edit to every board; the one it arrived on owns the zone and reports a
+        schedule's effect now. Returns a clock for a partition that has none yet."""
         data = doc["data"]
         zone_id = data["zone_id"]
         if data.get("change") == "deleted":
             self.rules.pop(zone_id, None)
             for board in self.boards.values():
                 board.remove_zone(zone_id)
-            return
-        defaults = self.settings.dosage
-        rules = defaults.rules_for(data.get("target_s"), data.get("min_visit_s"),
-                                   data.get("max_visit_s"))  # fmt: skip
+            return None
+        rules = self._rules_of(zone_id, data.get("target_s"), data.get("min_visit_s"),
+                               data.get("max_visit_s"), data.get("schedule"))  # fmt: skip
         self.rules[zone_id] = rules
         for board in self.boards.values():
             board.upsert_zone(zone_id, rules)
+        started = None
+        if owner.clock is None and rules.schedule is not None:
+            # No visit has come this way yet, so no stream clock: the edit's time starts one,
+            # or a scheduled zone would not go inactive until somebody visited a zone here.
+            started = parse_ts(doc["time"])
+            out.extend(self._changes(owner.advance(started)))
+        out.extend(self._changes(owner.rules_changed(zone_id)))
+        return started
 
     def dirty_state(self, partition: int) -> dict[str, Any]:
         board = self.boards.get(partition)

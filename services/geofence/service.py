@@ -185,9 +185,11 @@ class GeofenceService(StatefulService):
 
     def _zone_changed(self, change: dict[str, Any]) -> dict[str, Any]:
         zid = change["zone_id"]
+        at = self.index.position.get(zid)
+        schedule = None if at is None else self.index.zones[at].properties.get("schedule")
         return zone_changed_cloudevent(
             zid, change["version"], change["change"], self.index.rules_by_id.get(zid),
-            int(time.time() * 1000), self.gsettings.source,
+            int(time.time() * 1000), self.gsettings.source, schedule,
         )  # fmt: skip
 
     # -- partitions --------------------------------------------------------------------------

@@ -130,9 +130,16 @@ def status_cloudevent(change: StatusChange, source: str) -> dict[str, Any]:
 
 
 def zone_changed_cloudevent(
-    zone_id: str, version: int, change: str, rules: ZoneRules | None, at: int, source: str
+    zone_id: str,
+    version: int,
+    change: str,
+    rules: ZoneRules | None,
+    at: int,
+    source: str,
+    schedule: list[Any] | None = None,
 ) -> dict[str, Any]:
-    """A zone edit (`created`, `updated` or `deleted`), with the rules now in force."""
+    """A zone edit (`created`, `updated` or `deleted`), with the rules now in force. The
+    schedule goes as drawn (the zone property): the dosage service reads it in its timezone."""
     data: dict[str, Any] = {"zone_id": zone_id, "version": version, "change": change}
     if rules is not None:
         data |= {
@@ -140,6 +147,8 @@ def zone_changed_cloudevent(
             "min_visit_s": seconds(rules.min_visit_ms),
             "max_visit_s": seconds(rules.max_visit_ms),
         }
+    if schedule is not None:
+        data["schedule"] = schedule
     eid = event_id(ZONE_CHANGED, zone_id, version, change)
     return envelope(ZONE_CHANGED, eid, source, at, zone_id, data)
 
