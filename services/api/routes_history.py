@@ -84,10 +84,15 @@ def _time_param(where: str, text: str | None) -> datetime | None:
     if text is None:
         return None
     try:
-        return ms_to_datetime(parse_ts(text))
+        ms = parse_ts(text)
     except ValueError as exc:
         hint = " (a '+' in a URL reads as a space: send it as %2B)" if " " in text else ""
         raise _invalid(where, f"{exc}{hint}") from None
+    try:
+        return ms_to_datetime(ms)
+    except OverflowError:
+        # parse_ts range-checks epoch ms but not text: an offset can push year 1 or 9999 out.
+        raise _invalid(where, "out of range: years 1–9999 in UTC") from None
 
 
 def _text_param(where: str, text: str | None) -> str | None:
