@@ -214,6 +214,9 @@ async def _history(kafka_bootstrap: str, database_url: str, topic_prefix: str,
         assert "query.to" in text and "RFC 3339" in text
         text = await problem("/v1/history/visits", to="2026-02-30T18:00:00Z")
         assert "query.to" in text and "not a valid date" in text
+        for edge in ("0001-01-01T00:00:00+01:00", "9999-12-31T23:59:59-01:00"):
+            text = await problem("/v1/history/visits", **{"from": edge})
+            assert "query.from" in text and "out of range" in text
         text = await problem("/v1/history/visits", to="2026-05-14T18:00:00 04:00")
         assert "%2B" in text  # an unencoded '+' became a space
         backwards = {"from": "2026-05-15T00:00:00Z", "to": "2026-05-14T00:00:00Z"}
@@ -440,8 +443,17 @@ ALLOWED: dict[tuple[str, str], set[str]] = {
     ("GET", "/v1/history/zone-periods"): {"dispatcher", "auditor"},
     ("GET", "/v1/audit/events"): {"auditor"},
     ("GET", "/v1/audit/verify"): {"auditor"},
+    ("GET", "/v1/zones"): {"dispatcher", "mdt", "auditor"},
+    ("GET", "/v1/zones/{zone_id}"): {"dispatcher", "mdt", "auditor"},
+    ("GET", "/v1/zones/{zone_id}/versions"): {"dispatcher", "mdt", "auditor"},
+    ("POST", "/v1/zones"): set(),
+    ("POST", "/v1/zones/import"): set(),
+    ("PUT", "/v1/zones/{zone_id}"): set(),
+    ("DELETE", "/v1/zones/{zone_id}"): set(),
 }
 SAMPLE_PATH_VALUES = {"zone_id": "Z000", "unit_id": MDT_UNIT}
+# Writes aim at what does not exist and carry no body: the matrix must not change anything.
+WRITE_PATH_VALUES = {"zone_id": "no-such-zone", "unit_id": "no-such-unit"}
 ROLES = ("dispatcher", "mdt", "auditor", "admin")
 
 
@@ -451,8 +463,9 @@ def operations(doc: dict[str, Any]) -> list[tuple[str, str]]:
                   if path.startswith("/v1/") for m in item if m in methods)  # fmt: skip
 
 
-def concrete(path: str) -> str:
-    for name, value in SAMPLE_PATH_VALUES.items():
+def concrete(method: str, path: str) -> str:
+    values = SAMPLE_PATH_VALUES if method == "GET" else WRITE_PATH_VALUES
+    for name, value in values.items():
         path = path.replace("{" + name + "}", value)
     assert "{" not in path, f"no sample value for a parameter of {path}: add it"
     return path
@@ -471,7 +484,7 @@ async def _roles(kafka_bootstrap: str, database_url: str, topic_prefix: str) -> 
         got: dict[tuple[str, str, str], int] = {}
         want: dict[tuple[str, str, str], str] = {}
         for method, path in ops:
-            url = concrete(path)
+            url = concrete(method, path)
             for who, headers in [("nobody", {}),
                                  ("bad key", {"Authorization": "Bearer dw_nope_nope"}),
                                  ("bad key header", {"X-API-Key": "dw_x_y"})]:  # fmt: skip
