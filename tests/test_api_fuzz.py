@@ -1,5 +1,6 @@
 """Schemathesis over the dispatch API's own OpenAPI document: every REST operation, valid and
-invalid inputs, with an admin key so requests reach the handlers. No input may give a 5xx.
+invalid inputs, with an admin key so requests reach the handlers; then a fixed sweep of hostile
+values through every parameter the document declares. No input may give a 5xx.
 
 The app runs on a real PostgreSQL (zones, keys, the sample's visits and zone periods, an audit
 log) in a thread of its own; the live feed is left out, as REST reads PostgreSQL and the
