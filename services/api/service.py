@@ -42,7 +42,9 @@ class ApiService:
             await db.migrate(conn)
         self.ctx = ApiContext(s, pool, Authenticator(s, pool),
                               StatusBook(keep=s.resume_buffer))  # fmt: skip
-        self.http = HttpServer(create_app(self.ctx), s.api_host, s.api_port)
+        # No permessage-deflate: it would compress each frame once per client (see api/ws.py).
+        self.http = HttpServer(create_app(self.ctx), s.api_host, s.api_port,
+                               ws_per_message_deflate=False)  # fmt: skip
         # Listening (health answers, /readyz says starting) while the feed catches up.
         await self.http.start()
         self.feed = LiveFeed(self.ctx)

@@ -43,8 +43,11 @@ class _QuietServer(uvicorn.Server):
 class HttpServer:
     """uvicorn in the current loop; `port` is known once started (0 picks a free one)."""
 
-    def __init__(self, app: FastAPI, host: str, port: int) -> None:
-        config = uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="off")
+    def __init__(
+        self, app: FastAPI, host: str, port: int, *, ws_per_message_deflate: bool = True
+    ) -> None:
+        config = uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="off",
+                                ws_per_message_deflate=ws_per_message_deflate)  # fmt: skip
         self._server = _QuietServer(config)
         self._task: asyncio.Task[None] | None = None
         self.port = port
