@@ -12,6 +12,10 @@ _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _MS = timedelta(milliseconds=1)
 
 
+_MIN_MS = -62_135_596_800_000  # 0001-01-01T00:00:00.000Z
+_MAX_MS = 253_402_300_799_999  # 9999-12-31T23:59:59.999Z
+
+
 def parse_ts(value: object) -> int:
     """Return epoch milliseconds (UTC) from an RFC 3339 string or integer epoch milliseconds.
 
@@ -20,7 +24,7 @@ def parse_ts(value: object) -> int:
     if isinstance(value, bool):  # bool is an int subclass; a flag is never a time
         raise ValueError("must be an RFC 3339 string or integer epoch milliseconds, not a boolean")
     if isinstance(value, int):
-        if not -62_135_596_800_000 <= value <= 253_402_300_799_999:
+        if not _MIN_MS <= value <= _MAX_MS:
             raise ValueError("epoch milliseconds out of range (years 1–9999)")
         return value
     if isinstance(value, str):
@@ -41,7 +45,11 @@ def parse_ts(value: object) -> int:
             )
         except ValueError as exc:
             raise ValueError(f"not a valid date or time: {exc}") from None
-        return (dt - _EPOCH) // _MS
+        ms = (dt - _EPOCH) // _MS
+        if not _MIN_MS <= ms <= _MAX_MS:
+            # An offset can carry year 1 or 9999 past the range UTC can be written in.
+            raise ValueError("out of range once converted to UTC (years 1–9999)")
+        return ms
     raise ValueError("must be an RFC 3339 string or integer epoch milliseconds")
 
 

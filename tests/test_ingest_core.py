@@ -7,7 +7,14 @@ import base64
 import orjson
 import pytest
 
-from services.ingest.core.normalise import Limits, dead_letter, from_osmand, normalise_message
+from services.ingest.core.normalise import (
+    Accepted,
+    Limits,
+    Rejected,
+    dead_letter,
+    from_osmand,
+    normalise_message,
+)
 
 NOW = 1_778_781_600_000
 PING = {"unit_id": "car-1", "ts": NOW, "lat": 40.7, "lon": -74.0}
@@ -71,3 +78,14 @@ def test_a_huge_array_of_bad_pings_is_one_bounded_letter() -> None:
     letter = orjson.loads(dead_letter(raw, bad, {"topic": "t", "partition": 0, "offset": 1}))
     assert letter["rejected_count"] == 300_000 and len(letter["rejected"]) == 1000
     assert len(orjson.dumps(letter)) < 2_000_000
+
+
+def test_a_rule_that_raises_costs_one_dead_letter_not_the_consumer() -> None:
+    from services.ingest.service import _guarded
+
+    def broken(raw: bytes, limits: Limits) -> tuple[list[Accepted], list[Rejected]]:
+        raise RuntimeError("a bug in the rules")
+
+    ok, bad = _guarded(broken, b"{}", Limits(0))
+    assert ok == [] and len(bad) == 1
+    assert bad[0].errors[0].field == "(message)" and "RuntimeError" in bad[0].errors[0].reason

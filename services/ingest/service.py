@@ -8,13 +8,15 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import TypeVar
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from pydantic import Field
 
+from schemas.ping import PingError
 from services.common import kafka
 from services.common.http import HttpServer, probe_app
 from services.common.metrics import CONSUMER_LAG, EVENTS_OUT, LATENCY, PINGS_IN, PINGS_REJECTED
@@ -30,6 +32,7 @@ from services.ingest.core.normalise import (
 
 log = logging.getLogger(__name__)
 SERVICE = "ingest"
+_In = TypeVar("_In", bytes, dict[str, str])
 
 
 class IngestSettings(CommonSettings):
@@ -88,7 +91,7 @@ class IngestService:
             for tp, records in batches.items():
                 limits = self._limits()
                 for record in records:
-                    ok, bad = normalise_message(record.value or b"", limits)
+                    ok, bad = _guarded(normalise_message, record.value or b"", limits)
                     accepted.extend(ok)
                     source = {"topic": tp.topic, "partition": tp.partition,
                               "offset": record.offset}  # fmt: skip
@@ -146,7 +149,7 @@ class IngestService:
             body = await request.body()
             if len(body) > self.settings.max_body_bytes:
                 return _problem(413, f"body over {self.settings.max_body_bytes} bytes")
-            ok, bad = normalise_message(body, self._limits())
+            ok, bad = _guarded(normalise_message, body, self._limits())
             if len(ok) + len(bad) > self.settings.max_pings_per_request:
                 return _problem(413, f"over {self.settings.max_pings_per_request} pings")
             if bad and bad[0].errors[0].field == "(message)":
@@ -160,7 +163,7 @@ class IngestService:
             if request.method == "POST" and not params:
                 form = await request.form()
                 params = {k: str(v) for k, v in form.items()}
-            ok, bad = from_osmand(params, self._limits())
+            ok, bad = _guarded(from_osmand, params, self._limits())
             raw = str(request.url.query).encode() or await request.body()
             return await self._intake(ok, bad, raw, "osmand")
 
@@ -177,6 +180,19 @@ class IngestService:
         rejected = [{"index": r.index, "errors": [e.model_dump() for e in r.errors]} for r in bad]
         status = 200 if ok or not bad else 422
         return JSONResponse({"accepted": len(ok), "rejected": rejected}, status_code=status)
+
+
+def _guarded(
+    rule: Callable[[_In, Limits], tuple[list[Accepted], list[Rejected]]], raw: _In, limits: Limits
+) -> tuple[list[Accepted], list[Rejected]]:
+    """A bug in the rules must cost one dead letter, not a stopped consumer (a poison message
+    would stop it again after every restart) or a 500."""
+    try:
+        return rule(raw, limits)
+    except Exception as exc:
+        log.exception("normalising failed; dead-lettered")
+        reason = f"internal error while validating ({type(exc).__name__}); reported"
+        return [], [Rejected([PingError(field="(message)", reason=reason)], None)]
 
 
 def _problem(status: int, detail: str) -> JSONResponse:
