@@ -67,6 +67,20 @@ async def _scenario(kafka_bootstrap: str, database_url: str, topic_prefix: str) 
         assert (await http.get(url, headers=st.headers("auditor"))).status_code == 403
         assert (await http.get(url, headers=st.headers("dispatcher"))).status_code == 200
 
+        # Polling is rate limited per credential: a burst, then 429 with Retry-After.
+        codes = [
+            (await http.get("/v1/zones/Z000/status", headers=st.headers("auditor"))).status_code
+            for _ in range(st.api.settings.poll_burst + 5)
+        ]
+        assert codes[0] == 200 and codes[-1] == 429
+        limited = await http.get("/v1/zones/Z000/status", headers=st.headers("auditor"))
+        assert limited.status_code == 429 and int(limited.headers["retry-after"]) >= 1
+        # Another credential has its own bucket; a refused role is told 403, not 429.
+        mine = await http.get("/v1/zones/Z000/status", headers=st.headers("dispatcher"))
+        assert mine.status_code == 200
+        refused = await http.get(url, headers=st.headers("auditor"))
+        assert refused.status_code == 403
+
 
 def test_ping_to_status_and_mdt_polling(
     kafka_bootstrap: str, database_url: str, topic_prefix: str

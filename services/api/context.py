@@ -10,8 +10,9 @@ from typing import Annotated, Any
 import asyncpg
 from fastapi import Depends, HTTPException, Request
 
-from services.api.auth import Authenticator, AuthError, Principal, token_of
+from services.api.auth import Authenticator, AuthError, Principal, require, token_of
 from services.api.core.statusbook import StatusBook
+from services.api.keys import Role
 from services.api.settings import ApiSettings
 
 
@@ -83,12 +84,9 @@ async def get_principal(request: Request, ctx: Ctx) -> Principal:
 Caller = Annotated[Principal, Depends(get_principal)]
 
 
-async def rate_limited(principal: Caller, ctx: Ctx) -> Principal:
-    """For endpoints MDTs poll: 429 with Retry-After when a credential polls too fast."""
+def allow_poll(ctx: ApiContext, principal: Principal, *roles: Role) -> None:
+    """For endpoints MDTs poll: the role first (403), then the rate (429 with Retry-After)."""
+    require(principal, *roles)
     if not ctx.take_token(principal.subject):
         retry = max(1, round(1 / ctx.settings.poll_rate_per_s))
         raise HTTPException(429, "polling too fast", headers={"Retry-After": str(retry)})
-    return principal
-
-
-PollingCaller = Annotated[Principal, Depends(rate_limited)]

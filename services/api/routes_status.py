@@ -6,8 +6,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, HTTPException, Query
 
-from services.api.auth import require
-from services.api.context import ApiContext, Ctx, PollingCaller, ZoneInfo
+from services.api.context import ApiContext, Caller, Ctx, ZoneInfo, allow_poll
 
 router = APIRouter(prefix="/v1", tags=["status"])
 
@@ -62,20 +61,20 @@ def status_filter(
 @router.get("/zones/status", summary="Current status of every zone, filtered")
 async def list_status(
     ctx: Ctx,
-    caller: PollingCaller,
+    caller: Caller,
     status: Annotated[list[str] | None, Query(description="repeatable: due, active, …")] = None,
     bbox: Annotated[str | None, Query(description="min_lon,min_lat,max_lon,max_lat")] = None,
     district: Annotated[str | None, Query(max_length=200)] = None,
 ) -> dict[str, Any]:
-    require(caller, "dispatcher", "mdt", "auditor")
+    allow_poll(ctx, caller, "dispatcher", "mdt", "auditor")
     keep = status_filter(ctx, status, parse_bbox(bbox) if bbox else None, district)
     snap = ctx.book.snapshot(keep)
     return {"seq": snap.seq, "zones": snap.statuses}
 
 
 @router.get("/zones/{zone_id}/status", summary="Current status of one zone")
-async def zone_status(zone_id: str, ctx: Ctx, caller: PollingCaller) -> dict[str, Any]:
-    require(caller, "dispatcher", "mdt", "auditor")
+async def zone_status(zone_id: str, ctx: Ctx, caller: Caller) -> dict[str, Any]:
+    allow_poll(ctx, caller, "dispatcher", "mdt", "auditor")
     status = ctx.book.zones.get(zone_id)
     if status is None:
         if zone_id in ctx.zones:

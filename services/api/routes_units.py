@@ -13,8 +13,7 @@ from fastapi import APIRouter, Header, HTTPException, Response
 
 from schemas.timefmt import parse_ts
 from schemas.zone import ZoneFeature
-from services.api.auth import require
-from services.api.context import ApiContext, Ctx, PollingCaller
+from services.api.context import ApiContext, Caller, Ctx, allow_poll
 from services.api.core.nearby import Places, ZonePlace
 
 router = APIRouter(prefix="/v1", tags=["units"])
@@ -74,10 +73,10 @@ def unit_view(ctx: ApiContext, unit_id: str) -> dict[str, Any]:
 async def unit_status(
     unit_id: str,
     ctx: Ctx,
-    caller: PollingCaller,
+    caller: Caller,
     if_none_match: Annotated[str | None, Header()] = None,
 ) -> Response:
-    require(caller, "dispatcher", "mdt")
+    allow_poll(ctx, caller, "dispatcher", "mdt")
     if caller.role == "mdt" and caller.unit_id != unit_id:
         raise HTTPException(403, "an MDT key may only ask about its own unit")
     if unit_id not in ctx.fixes and unit_id not in ctx.book.unit_zones:
