@@ -3,38 +3,18 @@
 from __future__ import annotations
 
 import hashlib
-import time
 from dataclasses import dataclass
 from typing import Any
 
 import asyncpg
 import orjson
 
-from services.dosage.core.events import envelope, event_id
+from services.common.auditlog import append_event
+
+__all__ = ["GENESIS", "ChainReport", "ChainRow", "append_event", "events_after",
+           "row_hash", "verify_chain", "verify_rows"]  # fmt: skip
 
 GENESIS = bytes(32)
-
-
-async def append_event(
-    conn: asyncpg.Connection,
-    kind: str,
-    subject: str,
-    data: dict[str, Any],
-    actor: str,
-    source: str,
-    at_ms: int | None = None,
-) -> dict[str, Any]:
-    """An administrative event (zone edit, key operation) with who did it."""
-    at = at_ms if at_ms is not None else int(time.time() * 1000)
-    body = dict(data, actor=actor)
-    doc = envelope(kind, event_id(kind, subject, at, actor), source, at, subject, body)
-    await conn.execute(
-        "INSERT INTO audit_log (event_id, type, subject, time, event, actor) "
-        "VALUES ($1, $2, $3, to_timestamp($4 / 1000.0), $5::jsonb, $6) "
-        "ON CONFLICT (event_id) DO NOTHING",
-        doc["id"], kind, subject, at, orjson.dumps(doc).decode(), actor,
-    )  # fmt: skip
-    return doc
 
 
 @dataclass(frozen=True, slots=True)

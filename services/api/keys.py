@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 import asyncpg
 
-from services.api.audit import append_event
+from services.common.auditlog import append_event
 
 Role = Literal["dispatcher", "mdt", "auditor", "admin"]
 ROLES: tuple[Role, ...] = ("dispatcher", "mdt", "auditor", "admin")

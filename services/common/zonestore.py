@@ -11,7 +11,7 @@ import orjson
 
 from schemas.timefmt import datetime_to_ms, ms_to_datetime
 from schemas.zone import PolygonGeometry, ZoneFeature, parse_zone_collection
-from services.api.audit import append_event
+from services.common.auditlog import append_event
 from services.geofence.core.zone import ZoneSpec
 
 CHANNEL = "dosewatch_zones"
