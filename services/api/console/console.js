@@ -160,11 +160,13 @@
     const visits = $("detail-visits");
     visits.replaceChildren();
     try {
-      const r = await api(`/v1/history/visits?zone_id=${encodeURIComponent(id)}&limit=10&order=desc`);
+      // History pages oldest first: ask for the last few hours and show the newest ten.
+      const since = new Date(Date.now() - 4 * 3600 * 1000).toISOString();
+      const q = `zone_id=${encodeURIComponent(id)}&from=${encodeURIComponent(since)}&limit=500`;
+      const r = await api(`/v1/history/visits?${q}`);
       if (r.ok) {
-        const body = await r.json();
-        const rows = body.items || body.visits || body.rows || [];
-        visits.replaceChildren(...rows.slice(0, 10).map((v) => {
+        const rows = (await r.json()).rows || [];
+        visits.replaceChildren(...rows.slice(-10).reverse().map((v) => {
           const item = document.createElement("li");
           item.textContent = `${v.unit_id} ${String(v.started_at).slice(11, 16)} ${fmt(v.duration_s)}`;
           return item;
@@ -319,6 +321,7 @@
     units: () => units.size,
     seq: () => seq,
     dropConnection: () => socket && socket.close(),
+    fitAll: () => zoneLayer && map.fitBounds(zoneLayer.getBounds()),
   };
 
   if (readKey()) start(); else askKey();
