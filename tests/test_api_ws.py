@@ -153,6 +153,45 @@ def test_a_tick_encodes_each_distinct_frame_once() -> None:
     assert len(builds) == 1 and frames.encoded == 1
 
 
+def test_a_send_runs_in_the_caller_until_it_must_wait() -> None:
+    async def scenario() -> list[str]:
+        log: list[str] = []
+        writable = asyncio.Event()
+
+        async def send(name: str) -> None:
+            log.append(f"{name} started")
+            await writable.wait()
+            log.append(f"{name} written")
+
+        writable.set()
+        assert ws._start(send("now")) is None  # done before _start returned: no task
+        assert log == ["now started", "now written"]
+        writable.clear()
+        later = ws._start(send("later"))
+        assert later is not None and log[-1] == "later started"
+        writable.set()
+        await later
+        assert log[-1] == "later written"
+        writable.clear()
+        stuck = ws._start(send("stuck"))
+        assert stuck is not None
+        stuck.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await stuck
+        assert not writable._waiters  # it unwound
+
+        async def fails() -> None:
+            raise OSError("gone")
+
+        failed = ws._start(fails())
+        assert failed is not None and isinstance(failed.exception(), OSError)
+        return log
+
+    assert asyncio.run(scenario()) == [
+        "now started", "now written", "later started", "later written", "stuck started"
+    ]  # fmt: skip
+
+
 # -- /v1/ws/zones -------------------------------------------------------------------------------
 
 
