@@ -160,7 +160,10 @@ class ZoneHub:
             while self.clients:
                 await self._wait(loop)
                 if self.clients:
-                    self.tick(loop.time())
+                    try:
+                        self.tick(loop.time())
+                    except Exception:  # a bug must not silence every console for good
+                        log.exception("zones hub tick failed")
         finally:
             if _zone_hubs.get(id(self.ctx)) is self:
                 del _zone_hubs[id(self.ctx)]
