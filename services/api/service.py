@@ -32,14 +32,7 @@ class ApiService:
 
     async def start(self) -> None:
         s = self.settings
-        url = s.database_url.get_secret_value()
-        await db.retrying(lambda: db.ensure_database(url), "ensure database")
-        pool = await db.retrying(
-            lambda: asyncpg.create_pool(url, min_size=1, max_size=8), "connect"
-        )
-        self.pool = pool
-        async with pool.acquire() as conn:
-            await db.migrate(conn)
+        self.pool = pool = await db.open_pool(s.database_url.get_secret_value(), 8)
         self.ctx = ApiContext(s, pool, Authenticator(s, pool),
                               StatusBook(keep=s.resume_buffer))  # fmt: skip
         # No permessage-deflate: it would compress each frame once per client (see api/ws.py).

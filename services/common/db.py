@@ -89,3 +89,14 @@ async def retrying(
             )
             await asyncio.sleep(delay)
             delay = min(max_backoff_s, delay * 2)
+
+
+async def open_pool(url: str, max_size: int) -> asyncpg.Pool:
+    """A migrated pool, waiting (with backoff) for the database to be there."""
+    await retrying(lambda: ensure_database(url), "ensure database")
+    pool: asyncpg.Pool = await retrying(
+        lambda: asyncpg.create_pool(url, min_size=1, max_size=max_size), "connect"
+    )
+    async with pool.acquire() as conn:
+        await migrate(conn)
+    return pool

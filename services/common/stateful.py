@@ -114,15 +114,7 @@ class StatefulService(abc.ABC):
     # -- lifecycle ---------------------------------------------------------------------------
 
     async def open_database(self) -> None:
-        s = self.settings
-        url = s.database_url.get_secret_value()
-        await db.retrying(lambda: db.ensure_database(url), "ensure database")
-        pool = await db.retrying(
-            lambda: asyncpg.create_pool(url, min_size=1, max_size=4), "connect"
-        )
-        self.pool = pool
-        async with pool.acquire() as conn:
-            await db.migrate(conn)
+        self.pool = await db.open_pool(self.settings.database_url.get_secret_value(), 4)
 
     async def start_kafka(self) -> None:
         """After everything a partition's state needs is loaded: the group may assign
