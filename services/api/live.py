@@ -120,6 +120,9 @@ class LiveFeed:
         for tp, records in batches.items():
             if tp.topic == status_topic:
                 for r in records:
+                    if r.value is None and r.key is not None:  # a deleted zone's tombstone
+                        changed |= self.ctx.book.remove(r.key.decode()) is not None
+                        continue
                     try:
                         status = orjson.loads(r.value)
                         changed |= self.ctx.book.apply(status) is not None

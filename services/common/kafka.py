@@ -132,13 +132,13 @@ class BatchProducer:
     async def send(
         self,
         topic: str,
-        records: Iterable[tuple[bytes | None, bytes]],
+        records: Iterable[tuple[bytes | None, bytes | None]],
         headers: Sequence[tuple[str, bytes]] = (),
         *,
         wait: bool = True,
     ) -> int:
         parts = await self._count(topic)
-        by_partition: dict[int, list[tuple[bytes | None, bytes]]] = defaultdict(list)
+        by_partition: dict[int, list[tuple[bytes | None, bytes | None]]] = defaultdict(list)
         n = 0
         for key, value in records:
             p = parts[partition_for(key, len(parts))] if key is not None else parts[n % len(parts)]
@@ -158,7 +158,8 @@ class BatchProducer:
                         batch.append(key=key, value=value, timestamp=None, headers=list(headers))
                         is None
                     ):
-                        raise ValueError(f"a record of {len(value)} bytes exceeds the batch size")
+                        size = len(value or b"")
+                        raise ValueError(f"a record of {size} bytes exceeds the batch size")
             futures.append(await self._queue(batch, topic, p))
         if wait:
             if futures:

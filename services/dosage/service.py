@@ -57,6 +57,7 @@ class Output:
     status: dict[str, Any] | None = None  # a zone status for the compacted topic
     visit: dict[str, Any] | None = None  # a closed visit row for the history table
     rules: ZoneRules | None = None
+    deleted_zone: str | None = None  # a tombstone for the compacted status topic
 
 
 class DosageService(StatefulService):
@@ -210,6 +211,9 @@ class DosageService(StatefulService):
             self.rules.pop(zone_id, None)
             for board in self.boards.values():
                 board.remove_zone(zone_id)
+            # The owner's tombstone lets compaction drop the zone's last status, and tells
+            # readers of the topic (the API) that it is gone.
+            out.append(Output(deleted_zone=zone_id))
             return None
         rules = self._rules_of(zone_id, data.get("target_s"), data.get("min_visit_s"),
                                data.get("max_visit_s"), data.get("schedule"))  # fmt: skip
@@ -239,8 +243,11 @@ class DosageService(StatefulService):
     async def publish(self, outputs: list[Any]) -> None:
         assert self.out is not None
         s = self.dsettings
-        statuses = [(o.status["zone_id"].encode(), orjson.dumps(o.status))
-                    for o in outputs if o.status is not None]  # fmt: skip
+        statuses: list[tuple[bytes | None, bytes | None]] = [
+            (o.status["zone_id"].encode(), orjson.dumps(o.status)) if o.status is not None
+            else (o.deleted_zone.encode(), None)
+            for o in outputs if o.status is not None or o.deleted_zone is not None
+        ]  # fmt: skip
         audits = [(o.audit["subject"].encode(), orjson.dumps(o.audit))
                   for o in outputs if o.audit is not None]  # fmt: skip
         if statuses:
