@@ -286,31 +286,35 @@ class StatefulService(abc.ABC):
         async def tx() -> None:
             async with pool.acquire() as conn, conn.transaction():
                 await self.write(conn, outputs)
-                upserts = [
-                    (self.name, self.topic, p, key, orjson.dumps(value).decode())
-                    for p, rows in state.items()
-                    for key, value in rows.items()
-                    if value is not None
-                ]
-                deletes = [
-                    (self.name, self.topic, p, key)
-                    for p, rows in state.items()
-                    for key, value in rows.items()
-                    if value is None
-                ]
-                if upserts:
-                    await conn.executemany(
+                # One statement per kind over arrays, not a round of executemany per row:
+                # a commit interval can carry thousands of units' state.
+                parts, keys, values = [], [], []
+                gone_parts, gone_keys = [], []
+                for p, rows in state.items():
+                    for key, value in rows.items():
+                        if value is None:
+                            gone_parts.append(p)
+                            gone_keys.append(key)
+                        else:
+                            parts.append(p)
+                            keys.append(key)
+                            values.append(orjson.dumps(value).decode())
+                if keys:
+                    await conn.execute(
                         "INSERT INTO partition_state (consumer, topic, partition, key, value) "
-                        "VALUES ($1, $2, $3, $4, $5::jsonb) ON CONFLICT "
-                        "(consumer, topic, partition, key) DO UPDATE SET value = EXCLUDED.value",
-                        upserts,
-                    )
-                if deletes:
-                    await conn.executemany(
-                        "DELETE FROM partition_state WHERE consumer = $1 AND topic = $2 "
-                        "AND partition = $3 AND key = $4",
-                        deletes,
-                    )
+                        "SELECT $1, $2, p, k, v::jsonb "
+                        "FROM unnest($3::int[], $4::text[], $5::text[]) AS t(p, k, v) "
+                        "ON CONFLICT (consumer, topic, partition, key) "
+                        "DO UPDATE SET value = EXCLUDED.value",
+                        self.name, self.topic, parts, keys, values,
+                    )  # fmt: skip
+                if gone_keys:
+                    await conn.execute(
+                        "DELETE FROM partition_state s USING unnest($3::int[], $4::text[]) "
+                        "AS t(p, k) WHERE s.consumer = $1 AND s.topic = $2 "
+                        "AND s.partition = t.p AND s.key = t.k",
+                        self.name, self.topic, gone_parts, gone_keys,
+                    )  # fmt: skip
                 if offsets:
                     await conn.executemany(
                         "INSERT INTO consumer_offsets (consumer, topic, partition, next_offset) "
