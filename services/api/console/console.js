@@ -94,8 +94,12 @@
   function feed(text, status) {
     const li = document.createElement("li");
     const time = new Date().toLocaleTimeString();
-    li.innerHTML = `<span class="badge" data-status="${status}">${status}</span> `;
-    li.append(`${time} ${text}`);
+    // Text nodes only: zone names are free text from whoever drew the zones.
+    const badge = document.createElement("span");
+    badge.className = "badge";
+    badge.dataset.status = status;
+    badge.textContent = status;
+    li.append(badge, ` ${time} ${text}`);
     const list = $("feed");
     list.prepend(li);
     while (list.children.length > FEED_MAX) list.lastChild.remove();
@@ -143,6 +147,12 @@
     list.replaceChildren(...rows);
     $("zone-count").textContent = `(${entries.length}${entries.length > LIST_MAX ? ", first " + LIST_MAX + " shown" : ""})`;
     listDirty = false;
+  }
+
+  function textNode(text) {
+    const span = document.createElement("span");
+    span.textContent = text;
+    return span;
   }
 
   function li(child) {
@@ -269,7 +279,9 @@
         if (z.status) layer.setStyle(style(z.status.status));
         layer.bindTooltip(() => {
           const s = zones.get(id) && zones.get(id).status;
-          return `${z.name || id}: ${s ? s.status : "…"}`;
+          const tip = document.createElement("span"); // a node: Leaflet puts strings in as HTML
+          tip.textContent = `${z.name || id}: ${s ? s.status : "…"}`;
+          return tip;
         });
         layer.on("click", () => select(id));
       },
@@ -290,7 +302,7 @@
         let m = units.get(u.unit_id);
         if (!m) {
           m = L.circleMarker([u.lat, u.lon], { renderer, radius: 5, color: "#111", weight: 1, fillColor: "#fff", fillOpacity: 1 })
-            .bindTooltip(u.unit_id).addTo(map);
+            .bindTooltip(textNode(u.unit_id)).addTo(map);
           units.set(u.unit_id, m);
         } else {
           m.setLatLng([u.lat, u.lon]);
