@@ -75,9 +75,11 @@ def test_keys_commands_create_list_revoke_and_audit(database_url: str) -> None:
     ("claims", "expect"),
     [
         ({"role": "dispatcher"}, ("dispatcher", None)),
+        ({"role": "dispatcher", "unit_id": "car-1"}, ("dispatcher", None)),  # unit ignored
         ({"role": "mdt", "unit_id": "car-3"}, ("mdt", "car-3")),
         ({"role": "mdt"}, None),  # an MDT token must name its unit
         ({"role": "superuser"}, None),
+        ({"role": "mdt", "unit_id": 7}, None),  # a unit must be a string
         ({"role": "auditor", "exp": 1}, None),  # expired
     ],
 )

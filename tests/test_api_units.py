@@ -50,6 +50,19 @@ async def _scenario(kafka_bootstrap: str, database_url: str, topic_prefix: str) 
         again = await http.get(url, headers=st.headers("mdt") | {"If-None-Match": etag})
         assert again.status_code == 304 and again.content == b""
 
+        # An MDT sees that a zone is occupied, but not which other units are where.
+        await st.send_pings([ping("car-9", *INSIDE_Z000)])
+
+        async def both() -> Any:
+            r = await http.get("/v1/zones/Z000/status", headers=st.headers("dispatcher"))
+            return r.json()["units_present"] == sorted(["car-9", MDT_UNIT])
+
+        await wait_until(both)
+        seen = (await http.get("/v1/zones/Z000/status", headers=st.headers("mdt"))).json()
+        assert seen["units_present"] == [MDT_UNIT] and seen["units_count"] == 2
+        listed = (await http.get("/v1/zones/status", headers=st.headers("mdt"))).json()
+        assert "car-9" not in str(listed)
+
         # Status filters.
         r = await http.get("/v1/zones/status", params={"status": "active"},
                            headers=st.headers("dispatcher"))  # fmt: skip

@@ -7,7 +7,9 @@ HTTP: `Authorization: Bearer <key or JWT>` or `X-API-Key: <key>`. Websockets als
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,7 +43,7 @@ class Authenticator:
     def __init__(self, settings: ApiSettings, pool: asyncpg.Pool) -> None:
         self.settings = settings
         self.pool = pool
-        self._cache: dict[str, tuple[float, Principal | None]] = {}
+        self._cache: OrderedDict[bytes, tuple[float, Principal]] = OrderedDict()
         self._jwks = jwt.PyJWKClient(settings.jwks_url) if settings.jwks_url else None
 
     async def authenticate(self, token: str | None) -> Principal:
@@ -59,17 +61,23 @@ class Authenticator:
 
     async def _key(self, token: str) -> Principal | None:
         now = time.monotonic()
-        hit = self._cache.get(token)
+        # Keyed by a digest (fixed size), holding only keys that exist: guessed tokens cost a
+        # lookup each, never memory, and never push a real key out.
+        digest = hashlib.sha256(token.encode()).digest()
+        hit = self._cache.get(digest)
         if hit is not None and now - hit[0] < self.settings.key_cache_s:
+            self._cache.move_to_end(digest)
             return hit[1]
         async with self.pool.acquire() as conn:
             record = await keys.lookup(conn, token)
-        principal = (
-            Principal(record.role, record.key_id, record.unit_id) if record is not None else None
-        )
-        if len(self._cache) > 10_000:
-            self._cache.clear()  # bounded: guessed tokens must not grow memory
-        self._cache[token] = (now, principal)
+        if record is None:
+            self._cache.pop(digest, None)
+            return None
+        principal = Principal(record.role, record.key_id, record.unit_id)
+        self._cache[digest] = (now, principal)
+        self._cache.move_to_end(digest)
+        while len(self._cache) > 10_000:
+            self._cache.popitem(last=False)
         return principal
 
     async def _jwt(self, token: str) -> Principal | None:
@@ -90,7 +98,8 @@ class Authenticator:
             return None
         role = claims.get(s.jwt_role_claim)
         unit = claims.get(s.jwt_unit_claim)
-        if role not in ROLES or (role == "mdt") != isinstance(unit, str):
+        # Identity providers may put a unit on every user: it only binds an MDT.
+        if role not in ROLES or (role == "mdt" and not isinstance(unit, str)):
             return None
         return Principal(role, str(claims["sub"]), unit if role == "mdt" else None)
 

@@ -48,7 +48,7 @@ class ApiContext:
     ready: bool = False
     buckets: dict[str, tuple[float, float]] = field(default_factory=dict)
     # Derived from `zones` and rebuilt when that dict is replaced (see routes_units).
-    places: tuple[int, Any] | None = None
+    places: tuple[dict[str, ZoneInfo], Any] | None = None
 
     def take_token(self, who: str) -> bool:
         """Token bucket per credential for polling endpoints: False when over the limit."""

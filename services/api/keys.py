@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import re
 import secrets
 from dataclasses import dataclass
 from datetime import datetime
@@ -52,12 +53,15 @@ def hash_secret(secret: str) -> bytes:
     return hashlib.sha256(secret.encode()).digest()
 
 
+# Exactly what create_key makes: 12 hex digits, then token_urlsafe(32) (43 characters).
+_TOKEN = re.compile(r"dw_([0-9a-f]{12})_([A-Za-z0-9_-]{43})")
+
+
 def split_token(token: str) -> tuple[str, str] | None:
-    """`dw_<key_id>_<secret>` -> (key_id, secret); None if it is not shaped like a key."""
-    parts = token.split("_", 2)
-    if len(parts) != 3 or parts[0] != PREFIX or not parts[1] or not parts[2]:
-        return None
-    return parts[1], parts[2]
+    """`dw_<key_id>_<secret>` -> (key_id, secret); None if it is not shaped like a key, so
+    that arbitrary strings never reach the database or the cache."""
+    m = _TOKEN.fullmatch(token)
+    return (m[1], m[2]) if m else None
 
 
 def _record(row: asyncpg.Record) -> KeyRecord:

@@ -6,6 +6,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, HTTPException, Query
 
+from services.api.auth import Principal
 from services.api.context import ApiContext, Caller, Ctx, ZoneInfo, allow_poll
 
 router = APIRouter(prefix="/v1", tags=["status"])
@@ -69,7 +70,7 @@ async def list_status(
     allow_poll(ctx, caller, "dispatcher", "mdt", "auditor")
     keep = status_filter(ctx, status, parse_bbox(bbox) if bbox else None, district)
     snap = ctx.book.snapshot(keep)
-    return {"seq": snap.seq, "zones": snap.statuses}
+    return {"seq": snap.seq, "zones": [seen_by(caller, s) for s in snap.statuses]}
 
 
 @router.get("/zones/{zone_id}/status", summary="Current status of one zone")
@@ -80,4 +81,16 @@ async def zone_status(zone_id: str, ctx: Ctx, caller: Caller) -> dict[str, Any]:
         if zone_id in ctx.zones:
             raise HTTPException(404, f"zone {zone_id!r} has no status yet")
         raise HTTPException(404, f"no zone {zone_id!r}")
-    return status
+    return seen_by(caller, status)
+
+
+def seen_by(caller: Principal, status: dict[str, Any]) -> dict[str, Any]:
+    """An MDT sees whether a zone is occupied, not which other units are where."""
+    if caller.role != "mdt":
+        return status
+    own = [u for u in status.get("units", []) if u["unit_id"] == caller.unit_id]
+    return status | {
+        "units": own,
+        "units_present": [u["unit_id"] for u in own],
+        "units_count": len(status.get("units", [])),
+    }

@@ -20,10 +20,11 @@ router = APIRouter(prefix="/v1", tags=["units"])
 
 
 def places(ctx: ApiContext) -> Places:
-    if ctx.places is None or ctx.places[0] != id(ctx.zones):
+    # The very dict, not its id(): a reload replaces it, and a freed id can be reused.
+    if ctx.places is None or ctx.places[0] is not ctx.zones:
         shapes = [ZonePlace(z, ZoneFeature.model_validate(i.feature).shape())
                   for z, i in ctx.zones.items()]  # fmt: skip
-        ctx.places = (id(ctx.zones), Places(shapes))
+        ctx.places = (ctx.zones, Places(shapes))
     built: Places = ctx.places[1]
     return built
 
