@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from typing import Any
 
 import asyncpg
@@ -58,8 +59,7 @@ class LiveFeed:
     async def start(self) -> None:
         s = self.ctx.settings
         await self.load_zones()
-        self._listen = await asyncpg.connect(s.database_url.get_secret_value())
-        await self._listen.add_listener(CHANNEL, lambda *_: self._zones_changed.set())
+        await self._connect_listener()
         status_topic, pings_topic = s.topic("dosage.zone-status"), s.topic_pings
         await kafka.ensure_topics(s, {status_topic: kafka.COMPACTED, pings_topic: {}})
         self.consumer = kafka.reader(s)
@@ -75,16 +75,26 @@ class LiveFeed:
                 await self.consumer.seek_to_beginning(tp)
             else:
                 await self.consumer.seek_to_end(tp)
-        await self._catch_up()
+        await self._catch_up([tp for tp in parts if tp.topic == status_topic])
 
-    async def _catch_up(self) -> None:
-        """Read statuses until a fetch comes back empty: then this replica is current."""
+    async def _catch_up(self, status_parts: list[TopicPartition]) -> None:
+        """Read statuses up to the end each partition had when this replica looked: then it
+        is current. Pings are left buffered meanwhile (they arrive all the time, so "a fetch
+        came back empty" would never happen on a live system)."""
         assert self.consumer is not None
+        consumer = self.consumer
         while True:
-            batches = await self.consumer.getmany(timeout_ms=300)
-            if not batches:
-                break
+            batches = await consumer.getmany(*status_parts, timeout_ms=300)
             self._apply(batches)
+            behind = False
+            for tp in status_parts:
+                end = consumer.highwater(tp)
+                if end is None or await consumer.position(tp) < end:
+                    behind = True
+            if not behind or (not batches and all(
+                consumer.highwater(tp) is None for tp in status_parts
+            )):  # fmt: skip
+                break
         target = self.ctx.settings.dosage.rules_for().target_ms / 1000
         for zone_id in set(self.ctx.book.zones) - set(self.ctx.zones):
             self.ctx.book.remove(zone_id)  # deleted zones' last statuses stay on the topic
@@ -141,24 +151,49 @@ class LiveFeed:
     async def run(self) -> None:
         assert self.consumer is not None
         zones = asyncio.create_task(self._follow_zones())
+        next_sweep = time.monotonic() + 60
         try:
             while True:
                 batches = await self.consumer.getmany(timeout_ms=200)
                 if batches:
                     self._apply(batches)
+                if time.monotonic() >= next_sweep:
+                    next_sweep = time.monotonic() + 60
+                    self._forget_old_fixes()
         finally:
             zones.cancel()
 
+    def _forget_old_fixes(self) -> None:
+        """Units that stopped reporting leave the map (and memory)."""
+        horizon = time.time() - self.ctx.settings.fix_ttl_s
+        for unit in [u for u, f in self.ctx.fixes.items() if f.received < horizon]:
+            del self.ctx.fixes[unit]
+
+    async def _connect_listener(self) -> None:
+        self._listen = await asyncpg.connect(self.ctx.settings.database_url.get_secret_value())
+        await self._listen.add_listener(CHANNEL, lambda *_: self._zones_changed.set())
+
     async def _follow_zones(self) -> None:
+        """Reload zones on NOTIFY. A lost listener (database restart, failover) is
+        reconnected, and zones are reloaded then, since notifications may have been missed."""
         while True:
-            await self._zones_changed.wait()
-            self._zones_changed.clear()
             try:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._zones_changed.wait(), timeout=2.0)
+                if self._listen is None or self._listen.is_closed():
+                    await self._connect_listener()
+                    self._zones_changed.set()
+                if not self._zones_changed.is_set():
+                    continue
+                self._zones_changed.clear()
                 await self.load_zones()
-            except (asyncpg.PostgresError, OSError) as exc:
-                log.warning("zone reload failed; retrying", extra={"error": str(exc)})
-                await asyncio.sleep(1.0)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                # Never die silently: a bad row or a lost connection is retried.
+                log.exception("zone reload failed; retrying")
                 self._zones_changed.set()
+                await asyncio.sleep(1.0)
 
     async def stop(self) -> None:
         if self.consumer is not None:

@@ -44,6 +44,8 @@ class ApiSettings(CommonSettings):
     # A client whose frame has not gone out within this is conflated (or, for audit, dropped).
     send_timeout_s: float = Field(10.0, gt=0)
     nearest_due: int = Field(5, ge=0, le=50)
+    # A unit silent this long leaves the map and the MDT view.
+    fix_ttl_s: float = Field(1800.0, gt=0)
 
     # -- console ------------------------------------------------------------------------------
     # An XYZ tile URL for the console's basemap, e.g. https://tile.example.org/{z}/{x}/{y}.png;
