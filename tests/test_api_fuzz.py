@@ -206,3 +206,19 @@ def test_hostile_parameter_values(served: Served) -> None:
             if r.status_code >= 500:
                 failures.append(f"{method} {url} {what}: {r.status_code} {r.text[:200]}")
     assert not failures, "\n".join(failures)
+
+
+def test_bodies_over_the_limit_get_413_declared_or_streamed(served: Served) -> None:
+    limit = ApiSettings().max_body_bytes
+    chunk = b" " * 65_536
+
+    def stream() -> Iterator[bytes]:  # no Content-Length: sent chunked
+        for _ in range(limit // len(chunk) + 2):
+            yield chunk
+
+    with httpx.Client(base_url=served.base, headers=served.headers, timeout=30) as http:
+        streamed = http.post("/v1/zones/import", content=stream())
+        declared = http.post("/v1/zones/import", content=b" " * (limit + 1))
+    for r in (streamed, declared):
+        assert r.status_code == 413, r.text
+        assert "over the limit" in r.json()["detail"]
