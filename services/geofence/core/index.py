@@ -1,9 +1,10 @@
 """The zone index: which zones a batch of points is inside of or near.
 
-An R-tree (shapely's STRtree) over each zone's bounds, grown by the exit buffer, finds the
-candidates for a whole batch at once; exact tests then run vectorised on prepared geometry:
-inside on the zone as drawn in lon/lat (so a point on its boundary counts as inside), near
-as a distance in metres on a local projection.
+A grid over each zone's metric bounds, grown by the exit buffer, finds the candidates for a
+whole batch at once; exact tests then run vectorised on prepared geometry: inside on the zone as
+drawn in lon/lat (so a point on its boundary counts as inside), near as a distance in metres on
+a local projection. Cheap bounds and convex-hull checks that can only say "no" spare the exact
+tests the pairs they would refuse anyway, so the answer is the exact tests' alone.
 """
 
 from __future__ import annotations
@@ -59,14 +60,16 @@ class ZoneIndex:
         self._metric = self.projection.geometries(self._lonlat)
         shapely.prepare(self._lonlat)
         shapely.prepare(self._metric)
-        # A metre of slack on the buffered bounds: the exact tests decide, never the tree.
+        # A metre of slack on the buffered bounds: the exact tests decide, never the grid.
         pad = self.buffer_m + 1.0
-        bounds = shapely.bounds(self._metric).reshape(-1, 4)
-        self._tree = shapely.STRtree(
-            shapely.box(
-                bounds[:, 0] - pad, bounds[:, 1] - pad, bounds[:, 2] + pad, bounds[:, 3] + pad
-            )
+        mb = shapely.bounds(self._metric).reshape(-1, 4)
+        self._grid = _Grid(mb[:, 0] - pad, mb[:, 1] - pad, mb[:, 2] + pad, mb[:, 3] + pad)
+        lb = shapely.bounds(self._lonlat).reshape(-1, 4)
+        self._lon0, self._lat0, self._lon1, self._lat1 = (
+            np.ascontiguousarray(lb[:, k]) for k in range(4)
         )
+        self._sides_lonlat = _Sides(self._lonlat)
+        self._sides_metric = _Sides(self._metric)
 
     def __len__(self) -> int:
         return len(self.zones)
@@ -77,13 +80,228 @@ class ZoneIndex:
             empty = np.empty(0, dtype=np.intp)
             return Hits(empty, empty, np.empty(0, dtype=np.bool_))
         x, y = self.projection.forward(lon, lat)
-        points = shapely.points(x, y)
-        pt, zn = self._tree.query(points)
-        order = np.lexsort((zn, pt))  # per point, zones in index order: deterministic
-        pt, zn = pt[order], zn[order]
-        inside = shapely.intersects_xy(self._lonlat[zn], lon[pt], lat[pt])
-        near = np.zeros_like(inside)
-        out = ~inside
-        near[out] = shapely.dwithin(self._metric[zn[out]], points[pt[out]], self.buffer_m)
-        keep = inside | near
-        return Hits(pt[keep].astype(np.intp), zn[keep].astype(np.intp), inside[keep])
+        pt, zn = self._grid.query(x, y)  # per point, zones in index order: deterministic
+        plon, plat = lon[pt], lat[pt]
+        # Inside, on the zone as drawn. Outside its bounds a point cannot be on or in it; away
+        # from its sides, counting the sides crossed on the way east settles it.
+        inside = np.zeros(len(pt), dtype=np.bool_)
+        k = np.flatnonzero(
+            (plon >= self._lon0[zn])
+            & (plon <= self._lon1[zn])
+            & (plat >= self._lat0[zn])
+            & (plat <= self._lat1[zn])
+        )
+        sure, k = self._sides_lonlat.settle(zn[k], plon[k], plat[k], k)
+        d2, crossed = sure.d2, sure.crossed
+        clear = d2 > _SLACK_DEG**2
+        inside[sure.pair[clear]] = crossed[clear]
+        k = np.concatenate([k, sure.pair[~clear]])
+        if len(k):
+            inside[k] = shapely.intersects_xy(self._lonlat[zn[k]], plon[k], plat[k])
+        # Near, in metres: clearly within the buffer of a side (or inside the metric shape),
+        # clearly beyond it from every side (and outside), or else GEOS's distance test.
+        near = np.zeros(len(pt), dtype=np.bool_)
+        k = np.flatnonzero(~inside)
+        px, py = x[pt], y[pt]
+        sure, k = self._sides_metric.settle(zn[k], px[k], py[k], k)
+        d2, crossed = sure.d2, sure.crossed
+        d = self.buffer_m
+        yes = (d2 > _SLACK_M**2) & crossed
+        if d > _SLACK_M:
+            yes |= d2 <= (d - _SLACK_M) ** 2
+        no = (d2 > (d + _SLACK_M) ** 2) & ~crossed
+        near[sure.pair[yes]] = True
+        k = np.concatenate([k, sure.pair[~(yes | no)]])
+        if len(k):
+            points = shapely.points(px[k], py[k])
+            near[k] = shapely.dwithin(self._metric[zn[k]], points, d)
+        keep = np.flatnonzero(inside | near)
+        return Hits(pt[keep], zn[keep], inside[keep])
+
+
+# Far above the rounding of the sums below (~1e-13 degrees, ~1e-11 m across a city), far below
+# anything a GPS can tell apart: pairs this close to a side or to the buffer's edge go to GEOS.
+_SLACK_DEG = 1e-9
+_SLACK_M = 1e-3
+
+
+@dataclass(frozen=True, slots=True)
+class _Measured:
+    pair: IntArray  # which pairs were measured
+    d2: FloatArray  # squared distance to the nearest side
+    crossed: BoolArray  # an odd number of sides crossed going east: inside, if d2 is not tiny
+
+
+class _Sides:
+    """The sides of each zone's rings (shells and holes of every part), laid end to end."""
+
+    MAX_SIDES = 64  # a zone with more is left to GEOS's indexed tests
+
+    def __init__(self, geoms: npt.NDArray[np.object_]) -> None:
+        n = len(geoms)
+        parts, part_zone = shapely.get_parts(geoms, return_index=True)
+        rings, ring_part = shapely.get_rings(parts, return_index=True)
+        xy, coord_ring = shapely.get_coordinates(rings, return_index=True)
+        same = coord_ring[:-1] == coord_ring[1:]
+        zone = part_zone[ring_part[coord_ring[:-1][same]]]
+        order = np.argsort(zone, kind="stable")
+        a, b = xy[:-1][same][order], xy[1:][same][order]
+        zone = zone[order]
+        self.start = np.searchsorted(zone, np.arange(n)).astype(np.intp)
+        count = np.bincount(zone, minlength=n).astype(np.intp)
+        self.usable = (count > 0) & (count <= self.MAX_SIDES)
+        self.count = count
+        dx, dy = b[:, 0] - a[:, 0], b[:, 1] - a[:, 1]
+        len2 = dx * dx + dy * dy
+        with np.errstate(divide="ignore"):
+            inv_len2 = np.where(len2 > 0, 1.0 / len2, 0.0)
+            inv_dy = np.where(dy != 0, 1.0 / dy, 0.0)
+        # One row per side, gathered in one go: ax, ay, by, dx, dy, 1/|ab|², 1/dy.
+        self.rows = np.column_stack([a[:, 0], a[:, 1], b[:, 1], dx, dy, inv_len2, inv_dy])
+
+    def settle(
+        self, zone: IntArray, px: FloatArray, py: FloatArray, pair: IntArray
+    ) -> tuple[_Measured, IntArray]:
+        """Measure the pairs whose zone has few enough sides; return them and the others."""
+        ok = self.usable[zone]
+        if not ok.all():
+            zone, px, py, left, pair = zone[ok], px[ok], py[ok], pair[~ok], pair[ok]
+        else:
+            left = pair[:0]
+        if len(pair) == 0:
+            return _Measured(pair, np.empty(0), np.empty(0, dtype=np.bool_)), left
+        count = self.count[zone]
+        first = np.cumsum(count) - count
+        side = np.repeat(self.start[zone] - first, count) + np.arange(int(first[-1] + count[-1]))
+        r = self.rows.take(side, axis=0)  # one gather of whole rows: far faster than [side]
+        ax, ay, by, dx, dy, inv_len2, inv_dy = r.T
+        wx = np.repeat(px, count) - ax
+        qy = np.repeat(py, count)
+        wy = qy - ay
+        t = np.clip((wx * dx + wy * dy) * inv_len2, 0.0, 1.0)
+        ex, ey = wx - t * dx, wy - t * dy
+        d2 = np.minimum.reduceat(ex * ex + ey * ey, first)
+        # A side is crossed by the ray east of the point if it straddles the point's y (one end
+        # above, the other not) east of the point.
+        crosses = ((ay > qy) != (by > qy)) & (wx < wy * dx * inv_dy)
+        crossed = np.bitwise_xor.reduceat(crosses, first)
+        return _Measured(pair, d2, crossed), left
+
+
+class _Grid:
+    """Which boxes hold each point (edges included), for a batch of points at once.
+
+    A stack of uniform grids: each box sits in the finest one whose cells are at least as wide
+    and tall as the box, so it takes at most four cells there. Each grid is a dense table of
+    cells (of at most `MAX_CELLS`), so a lookup is two array reads per point and grid, without
+    a geometry per point; the candidates are then checked against the boxes exactly.
+    """
+
+    MAX_CELLS = 1 << 20
+
+    def __init__(self, x0: FloatArray, y0: FloatArray, x1: FloatArray, y1: FloatArray) -> None:
+        self.count = len(x0)
+        self.x0, self.y0, self.x1, self.y1 = (np.ascontiguousarray(v) for v in (x0, y0, x1, y1))
+        finite = np.flatnonzero(
+            np.isfinite(x0) & np.isfinite(y0) & np.isfinite(x1) & np.isfinite(y1)
+        )
+        # Boxes no grid can hold (not finite: a projection gone wrong) are checked against
+        # every point; the comparisons then decide as for any other box.
+        self.loose: IntArray = np.setdiff1d(np.arange(self.count), finite).astype(np.intp)
+        self.levels: list[_Level] = []
+        self.ox = self.oy = self.ex = self.ey = 0.0
+        if len(finite) == 0:
+            return
+        self.ox, self.oy = float(self.x0[finite].min()), float(self.y0[finite].min())
+        self.ex, self.ey = float(self.x1[finite].max()), float(self.y1[finite].max())
+        size = np.maximum(self.x1 - self.x0, self.y1 - self.y0)[finite]
+        span = max(self.ex - self.ox, self.ey - self.oy)
+        base = max(float(np.median(size)), span / np.sqrt(self.MAX_CELLS), 1e-9)
+        cell = base
+        left = finite
+        while len(left):
+            fits = np.maximum(self.x1 - self.x0, self.y1 - self.y0)[left] <= cell
+            if fits.any():
+                self.levels.append(self._level(left[fits], cell))
+            left = left[~fits]
+            cell *= 2.0
+
+    def _level(self, members: IntArray, cell: float) -> _Level:
+        cols = int((self.ex - self.ox) / cell) + 1
+        rows = int((self.ey - self.oy) / cell) + 1
+        cx0, cx1 = (
+            self._cells(self.x0[members], self.ox, cell),
+            self._cells(self.x1[members], self.ox, cell),
+        )
+        cy0, cy1 = (
+            self._cells(self.y0[members], self.oy, cell),
+            self._cells(self.y1[members], self.oy, cell),
+        )
+        keys: list[IntArray] = []
+        owners: list[IntArray] = []
+        for dx in range(int((cx1 - cx0).max()) + 1):
+            for dy in range(int((cy1 - cy0).max()) + 1):
+                ok = (cx0 + dx <= cx1) & (cy0 + dy <= cy1)
+                keys.append((cx0[ok] + dx) * rows + cy0[ok] + dy)
+                owners.append(members[ok])
+        key, owner = np.concatenate(keys), np.concatenate(owners)
+        order = np.lexsort((owner, key))  # by cell, then box
+        starts = np.searchsorted(key[order], np.arange(cols * rows + 1))
+        return _Level(cell, rows, starts.astype(np.intp), owner[order].astype(np.intp))
+
+    @staticmethod
+    def _cells(v: FloatArray, origin: float, cell: float) -> IntArray:
+        # v >= origin, so the difference is >= 0 and the cast floors; monotone in v, so a point
+        # in a box falls in one of the cells the box was entered in.
+        return ((v - origin) / cell).astype(np.intp)
+
+    def query(self, x: FloatArray, y: FloatArray) -> tuple[IntArray, IntArray]:
+        """(point, box) pairs with the point in the box, sorted by point, then box."""
+        parts_p: list[IntArray] = []
+        parts_b: list[IntArray] = []
+        if self.levels:
+            idx = np.flatnonzero((x >= self.ox) & (x <= self.ex) & (y >= self.oy) & (y <= self.ey))
+            xs, ys = x[idx], y[idx]
+            for level in self.levels:
+                cell = self._cells(xs, self.ox, level.cell) * level.rows
+                cell += self._cells(ys, self.oy, level.cell)
+                start = level.starts[cell]
+                count = level.starts[cell + 1] - start
+                total = int(count.sum())
+                if total == 0:
+                    continue
+                # Point i's boxes: boxes[start_i : start_i + count_i], laid end to end.
+                ends = np.cumsum(count)
+                offset = np.repeat(start - (ends - count), count)
+                parts_p.append(np.repeat(idx, count))
+                parts_b.append(level.boxes[offset + np.arange(total)])
+        if len(self.loose):
+            p, b = np.divmod(np.arange(len(x) * len(self.loose)), len(self.loose))
+            parts_p.append(p.astype(np.intp))
+            parts_b.append(self.loose[b])
+        if not parts_p:
+            empty = np.empty(0, dtype=np.intp)
+            return empty, empty
+        pt, bx = np.concatenate(parts_p), np.concatenate(parts_b)
+        keep = (
+            (x[pt] >= self.x0[bx])
+            & (x[pt] <= self.x1[bx])
+            & (y[pt] >= self.y0[bx])
+            & (y[pt] <= self.y1[bx])
+        )
+        pt, bx = pt[keep], bx[keep]
+        if len(parts_p) > 1:
+            order = np.argsort(pt * self.count + bx, kind="stable")
+            pt, bx = pt[order], bx[order]
+        return pt, bx
+
+
+@dataclass(frozen=True, slots=True)
+class _Level:
+    """One grid of square cells, as a table: the boxes of cell c are
+    boxes[starts[c] : starts[c + 1]], ascending; cell c = column * rows + row."""
+
+    cell: float
+    rows: int
+    starts: IntArray
+    boxes: IntArray
