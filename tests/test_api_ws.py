@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 import socket
 import time
 from collections.abc import Callable
@@ -15,6 +16,7 @@ from typing import Any
 
 import asyncpg
 import httpx
+import jwt
 import orjson
 import pytest
 from prometheus_client import REGISTRY
@@ -22,16 +24,21 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
 from schemas.timefmt import format_ts
-from services.api import ws
+from services.api import keys, ws
 from services.api.audit import append_event
 from services.api.context import ApiContext
 from services.api.core.frames import (
     FrameError,
+    ResumeFrom,
     TickFrames,
     View,
     delta_entries,
+    delta_frame,
+    heartbeat_frame,
     parse_client_message,
     parse_seq,
+    parse_since,
+    snapshot_frame,
 )
 from services.api.core.statusbook import StatusBook
 from tests.api_helpers import MDT_UNIT, Stack, api_stack, ping, wait_until
@@ -122,9 +129,36 @@ def test_client_messages_are_checked() -> None:
         with pytest.raises(FrameError, match=says):
             parse_client_message(bad)
     assert parse_seq(None, "since") is None and parse_seq("42", "since") == 42
-    for bad in ("-1", "1.5", "abc", "9" * 30):
-        with pytest.raises(FrameError):
-            parse_seq(bad, "since")
+
+
+def test_sequence_numbers_from_the_url_are_checked() -> None:
+    assert parse_seq(None, "after") is None and parse_seq("", "after") is None
+    assert parse_seq("42", "after") == 42
+    # Digits to str.isdigit() that int() refuses (superscripts) or reads (other scripts).
+    for bad in ("-1", "1.5", "abc", "9" * 30, "\u00b2", "1\u00b2", "\u0663", "\uff11", " 1"):
+        with pytest.raises(FrameError, match="after"):
+            parse_seq(bad, "after")
+    assert parse_since(None) is None and parse_since("") is None
+    assert parse_since("feedf00d:42") == ResumeFrom("feedf00d", 42)
+    assert parse_since("7") == ResumeFrom(None, 7)  # a bare seq: numbering unknown
+    for bad in ("feedf00d:", ":42", "feedf00d:x", "feed f00d:1", "a:b:1", "\u00b2", "e:\u00b2",
+                "\u00e9:1", "e" * 65 + ":1", "feedf00d:-1"):  # fmt: skip
+        with pytest.raises(FrameError, match="since"):
+            parse_since(bad)
+
+
+def test_frames_with_a_seq_carry_the_epoch_it_is_numbered_in() -> None:
+    book = StatusBook(epoch="feedf00d")
+    book.apply({"zone_id": "A", "status": "due", "as_of": "2026-11-22T10:00:00.000Z"})
+    snap = orjson.loads(snapshot_frame(book.snapshot(), View()))
+    assert (snap["type"], snap["epoch"], snap["seq"]) == ("snapshot", "feedf00d", 1)
+    changes = book.changes_since(0)
+    assert changes is not None
+    delta = orjson.loads(delta_frame(changes, View()) or "")
+    assert (delta["type"], delta["epoch"], delta["seq"]) == ("delta", "feedf00d", 1)
+    assert orjson.loads(heartbeat_frame(1, "feedf00d")) == {"type": "heartbeat", "seq": 1,
+                                                            "epoch": "feedf00d"}  # fmt: skip
+    assert orjson.loads(heartbeat_frame(9)) == {"type": "heartbeat", "seq": 9}  # audit
 
 
 def test_status_filtered_deltas_announce_zones_that_leave_the_filter() -> None:
@@ -260,6 +294,10 @@ async def _auth_scenario(kafka_bootstrap: str, database_url: str, topic_prefix: 
         assert await _close_code(st, "/v1/ws/audit", "dispatcher") == 4403
         assert await _close_code(st, "/v1/ws/audit") == 4401
         assert await _close_code(st, "/v1/ws/zones?since=yesterday", "dispatcher") == 4400
+        # Parse errors of every kind are a 4400, never a handler failure (1011).
+        for bad in ("%C2%B2", "feedf00d:%C2%B2", "feedf00d:", "%C3%A9:1"):
+            assert await _close_code(st, f"/v1/ws/zones?since={bad}", "dispatcher") == 4400
+        assert await _close_code(st, "/v1/ws/audit?after=%C2%B2", "auditor") == 4400
         # Every way of presenting a credential: header, X-API-Key, ?token= (browsers).
         key = {"X-API-Key": st.tokens["dispatcher"]}
         async with connect(f"{st.ws}/v1/ws/zones", additional_headers=key, proxy=None) as c:
@@ -413,14 +451,16 @@ async def _resume_scenario(kafka_bootstrap: str, database_url: str, topic_prefix
                          resume_buffer=100, heartbeat_s=0.5) as st:  # fmt: skip
         drive = Driver(st)
         async with _open(st, "/v1/ws/zones") as c:
-            seen = (await _recv(c))["seq"]
+            snap = await _recv(c)
+        seen, epoch = snap["seq"], snap["epoch"]
+        assert epoch == drive.book.epoch
         drive.change("Z001", note="one")
         drive.change("Z003", note="one")
         drive.change("Z003", note="two")
-        async with _open(st, f"/v1/ws/zones?since={seen}") as c:
+        async with _open(st, f"/v1/ws/zones?since={epoch}:{seen}") as c:
             first = await _recv(c)
             assert first["type"] == "delta" and first["resumed"] is True
-            assert first["seq"] == drive.book.seq
+            assert first["seq"] == drive.book.seq and first["epoch"] == epoch
             assert [(z["zone_id"], z["note"]) for z in first["zones"]] == [
                 ("Z001", "one"),
                 ("Z003", "two"),
@@ -428,16 +468,16 @@ async def _resume_scenario(kafka_bootstrap: str, database_url: str, topic_prefix
             assert first["conflated"] is True  # Z003's first change was skipped
             # Idle: heartbeats carry the seq to resume from.
             beat = await _recv(c)
-            assert beat == {"type": "heartbeat", "seq": drive.book.seq}
+            assert beat == {"type": "heartbeat", "seq": drive.book.seq, "epoch": epoch}
             seen = beat["seq"]
-        async with _open(st, f"/v1/ws/zones?since={seen}") as c:
+        async with _open(st, f"/v1/ws/zones?since={epoch}:{seen}") as c:
             first = await _recv(c)
-            assert first == {"type": "delta", "seq": seen, "zones": [], "conflated": False,
-                             "resumed": True}  # fmt: skip
+            assert first == {"type": "delta", "seq": seen, "epoch": epoch, "zones": [],
+                             "conflated": False, "resumed": True}  # fmt: skip
         # Under a filter given on the URL, the missed changes are filtered too.
         drive.change("Z005", note="three")
         drive.change("Z006", note="three", status="active")
-        async with _open(st, f"/v1/ws/zones?since={seen}&status=active") as c:
+        async with _open(st, f"/v1/ws/zones?since={epoch}:{seen}&status=active") as c:
             first = await _recv(c)
             assert first["zones"] == [
                 {"zone_id": "Z005", "excluded": True},
@@ -447,7 +487,7 @@ async def _resume_scenario(kafka_bootstrap: str, database_url: str, topic_prefix
         old = drive.book.seq
         for i in range(150):
             drive.change(f"Z00{i % 10}", note=str(i))
-        for since in (old, 10**9):
+        for since in (f"{epoch}:{old}", f"{epoch}:{10**9}"):
             async with _open(st, f"/v1/ws/zones?since={since}") as c:
                 first = await _recv(c)
                 assert first["type"] == "snapshot" and first["resumed"] is False
@@ -458,6 +498,97 @@ def test_resume_gets_exactly_what_was_missed_or_a_snapshot(
     kafka_bootstrap: str, database_url: str, topic_prefix: str
 ) -> None:
     asyncio.run(_resume_scenario(kafka_bootstrap, database_url, topic_prefix))
+
+
+async def _restart_scenario(kafka_bootstrap: str, database_url: str, topic_prefix: str) -> None:
+    async with api_stack(kafka_bootstrap, database_url, topic_prefix) as st:
+        drive = Driver(st)
+        async with _open(st, "/v1/ws/zones") as c:
+            snap = await _recv(c)
+        assert re.fullmatch("[0-9a-f]{8}", snap["epoch"])
+        held = {z["zone_id"]: z for z in snap["zones"]}
+        seen, old_epoch = snap["seq"], snap["epoch"]
+        drive.change("Z002", note="while the console was away")
+        # The API restarts (or the console lands on another replica): a new book replays the
+        # statuses in its own numbering, past the seq the console holds.
+        old = drive.book
+        new = StatusBook(keep=old.keep, epoch="feedf00d")
+        for zone_id in sorted(old.zones):
+            new.apply(old.zones[zone_id])
+        drive.ctx.book = drive.book = new
+        while new.seq <= seen + 1:
+            drive.change("Z005", note=f"n{new.seq}")
+        assert new.changes_since(seen) is not None  # numbered past it: it would "resume"
+        for since in (f"{old_epoch}:{seen}", str(seen), f"deadbeef:{seen}"):
+            async with _open(st, f"/v1/ws/zones?since={since}") as c:
+                first = await _recv(c)
+                assert first["type"] == "snapshot" and first["resumed"] is False, since
+                assert first["epoch"] == "feedf00d" and first["seq"] == new.seq
+                assert first["zones"] == [new.zones[z] for z in sorted(new.zones)]
+        assert held["Z002"] != new.zones["Z002"]
+        # In the new numbering it resumes.
+        async with _open(st, f"/v1/ws/zones?since=feedf00d:{new.seq - 1}") as c:
+            first = await _recv(c)
+            assert first["type"] == "delta" and first["resumed"] is True
+            assert first["epoch"] == "feedf00d" and first["zones"] == [new.zones["Z005"]]
+
+
+def test_a_seq_from_before_a_restart_or_another_replica_gets_a_snapshot(
+    kafka_bootstrap: str, database_url: str, topic_prefix: str
+) -> None:
+    asyncio.run(_restart_scenario(kafka_bootstrap, database_url, topic_prefix))
+
+
+async def _closed_within(c: ClientConnection, timeout_s: float) -> int | None:
+    """Reads until the server closes the connection; its close code."""
+    async with asyncio.timeout(timeout_s):
+        with pytest.raises(ConnectionClosed):
+            while True:
+                await c.recv()
+    return c.close_code
+
+
+async def _revoked_scenario(kafka_bootstrap: str, database_url: str, topic_prefix: str) -> None:
+    secret = "s" * 32
+    async with api_stack(kafka_bootstrap, database_url, topic_prefix, key_cache_s=0.5,
+                         heartbeat_s=0.5, jwt_secret=secret) as st:  # fmt: skip
+        async with st.pool.acquire() as conn:
+            zones_key, zones_rec = await keys.create_key(conn, "dispatcher", None, "soon revoked",
+                                                         "test", "test")  # fmt: skip
+            audit_key, audit_rec = await keys.create_key(conn, "auditor", None, "soon revoked",
+                                                         "test", "test")  # fmt: skip
+        soon = int(time.time()) + 3
+        claims = {"sub": "console-9", "role": "dispatcher", "exp": soon}
+        expiring = jwt.encode(claims, secret, algorithm="HS256")
+        async with (
+            _open(st, f"/v1/ws/zones?token={zones_key}", None) as z,
+            _open(st, f"/v1/ws/audit?token={audit_key}", None, max_queue=None) as a,
+            _open(st, f"/v1/ws/zones?token={expiring}", None) as j,
+            _open(st, "/v1/ws/zones") as kept,
+        ):
+            assert (await _recv(z))["type"] == "snapshot"
+            assert (await _recv(a))["type"] == "audit"
+            assert (await _recv(j))["type"] == "snapshot"
+            assert (await _recv(kept))["type"] == "snapshot"
+            async with st.pool.acquire() as conn:
+                await keys.revoke_key(conn, zones_rec.key_id, "test", "test")
+                await keys.revoke_key(conn, audit_rec.key_id, "test", "test")
+            revoked = time.monotonic()
+            assert await _closed_within(z, 10) == 4401
+            assert await _closed_within(a, 10) == 4401
+            assert time.monotonic() - revoked < 5
+            assert z.close_reason == "invalid or revoked credential"
+            # The JWT's stream ends once it has expired.
+            assert await _closed_within(j, 15) == 4401
+            assert time.time() >= soon
+            # A console whose key still holds keeps its stream.
+            assert (await _until(kept, lambda f: f["type"] == "heartbeat"))[-1]["seq"] >= 0
+
+
+def test_revoked_keys_and_expired_tokens_lose_their_streams(
+    kafka_bootstrap: str, database_url: str, topic_prefix: str
+) -> None:
+    asyncio.run(_revoked_scenario(kafka_bootstrap, database_url, topic_prefix))
 
 
 # -- /v1/ws/audit -------------------------------------------------------------------------------

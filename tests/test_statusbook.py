@@ -57,6 +57,35 @@ def test_resume_too_old_or_from_the_future_needs_a_snapshot() -> None:
     assert kept is not None and [s["zone_id"] for s in kept.statuses] == ["Z3", "Z4", "Z5"]
 
 
+def test_a_seq_resumes_only_in_the_numbering_it_came_from() -> None:
+    """A restarted API (or another replica) numbers the same zones afresh: a seq from the old
+    numbering says nothing about what the client holds, so it gets a snapshot."""
+    old = StatusBook()
+    for t in range(15):
+        old.apply(status(f"Z{t % 8}", t, units={"u": f"t{t}"}))
+    assert old.seq == 15
+    client = {s["zone_id"]: s for s in old.snapshot().statuses}
+    old.apply(status("Z3", 20, "met"))  # while the client was away, then the API restarted
+    new = StatusBook()
+    for t, zone_id in enumerate(sorted(old.zones) * 2):  # the replay, past the client's seq
+        new.apply(old.zones[zone_id] | {"replayed": t})
+    assert new.seq == 16 and old.epoch != new.epoch
+    assert new.resume(old.epoch, 15) is None  # not new.changes_since(15): one zone of eight
+    assert new.resume(None, 15) is None  # a bare seq: whose numbering is unknown
+    assert client != new.zones
+    assert old.resume(old.epoch, 15) == old.changes_since(15)
+    again = new.resume(new.epoch, 10)
+    assert again is not None and again.epoch == new.epoch and again.seq == 16
+    assert new.snapshot().epoch == new.epoch
+
+
+def test_epochs_are_random_and_injectable() -> None:
+    epochs = {StatusBook().epoch for _ in range(50)}
+    assert len(epochs) == 50
+    assert all(len(e) == 8 and e.isascii() and e.isalnum() for e in epochs)
+    assert StatusBook(epoch="feedf00d").epoch == "feedf00d"
+
+
 def test_filters_and_tombstones() -> None:
     book = StatusBook()
     book.apply(status("A", 1, "due"))

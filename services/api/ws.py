@@ -8,6 +8,15 @@ going out is skipped: it holds no queue, only the seq it has been sent up to, an
 the latest state of each zone changed since (`conflated: true` when that skipped states). A
 frame that waits over send_timeout_s closes the client (4408).
 
+Seqs count within the book's epoch (one per process): a client resumes with
+?since=<epoch>:<seq>, and a seq of another epoch (a restart, another replica) or without one
+gets a fresh snapshot, never a delta in a numbering it does not hold.
+
+Credentials are checked at connect and again every key_cache_s while the stream lasts (the
+hub rechecks zones clients, each audit handler its own): a revoked key or an expired JWT
+loses its stream (4401) within about twice key_cache_s. A credential store that cannot answer
+a recheck keeps streams open; the next recheck tries again.
+
 Close codes: 4401 no or bad credential, 4403 role not admitted, 4400 bad query, 4408 too slow,
 1011 credential store unavailable. The connection is accepted first so clients see them."""
 
@@ -27,7 +36,7 @@ from fastapi import APIRouter, HTTPException, WebSocket, WebSocketDisconnect
 from prometheus_client import Counter, Gauge
 
 from services.api.audit import events_after
-from services.api.auth import AuthError, Principal, ws_token_of
+from services.api.auth import AuthError, ws_token_of
 from services.api.context import ApiContext
 from services.api.core.frames import (
     FilterRequest,
@@ -40,6 +49,7 @@ from services.api.core.frames import (
     heartbeat_frame,
     parse_client_message,
     parse_seq,
+    parse_since,
     snapshot_frame,
 )
 from services.api.keys import Role
@@ -65,22 +75,52 @@ SLOW_CLOSED = Counter(
 )
 
 
-async def _admit(ws: WebSocket, ctx: ApiContext, *roles: Role) -> Principal | None:
+Refusal = tuple[int, str]  # a close code and its reason
+
+ZONE_ROLES: tuple[Role, ...] = ("dispatcher",)
+AUDIT_ROLES: tuple[Role, ...] = ("auditor",)
+
+
+async def _admit(ws: WebSocket, ctx: ApiContext, *roles: Role) -> str | None:
+    """The client's credential, kept to recheck it; None when it has been closed."""
     # Accept before checking: a close before accept is a bare HTTP 403 with no close code.
     await ws.accept()
+    token = ws_token_of(ws)
     try:
-        principal = await ctx.auth.authenticate(ws_token_of(ws))
-    except AuthError as exc:
-        await _close(ws, 4401, exc.detail)
-        return None
+        refused = await _refusal(ctx, token, roles)
     except (asyncpg.PostgresError, OSError):
         log.warning("websocket credential check failed", exc_info=True)
-        await _close(ws, 1011, "credential store unavailable; retry")
+        refused = 1011, "credential store unavailable; retry"
+    if refused is not None or token is None:
+        await _close(ws, *(refused or (4401, "missing credential")))
         return None
+    return token
+
+
+async def _refusal(ctx: ApiContext, token: str | None, roles: tuple[Role, ...]) -> Refusal | None:
+    """Why this credential may not (or may no longer) use the endpoint; None if it may. The
+    credential store's errors propagate: whether that refuses is the caller's choice."""
+    try:
+        principal = await ctx.auth.authenticate(token)
+    except AuthError as exc:
+        return 4401, exc.detail
     if not principal.may(*roles):
-        await _close(ws, 4403, f"role {principal.role!r} may not use this endpoint")
+        return 4403, f"role {principal.role!r} may not use this endpoint"
+    return None
+
+
+async def _recheck(ctx: ApiContext, token: str, roles: tuple[Role, ...]) -> Refusal | None:
+    """A streaming client's credential again; a store that cannot answer refuses nothing."""
+    try:
+        return await _refusal(ctx, token, roles)
+    except (asyncpg.PostgresError, OSError) as exc:
+        log.warning("websocket credential recheck failed", extra={"error": repr(exc)})
         return None
-    return principal
+
+
+def _recheck_every(ctx: ApiContext) -> float:
+    # The authenticator caches for key_cache_s: checking more often would find nothing new.
+    return max(ctx.settings.key_cache_s, 0.5)
 
 
 async def _close(ws: WebSocket, code: int, reason: str) -> None:
@@ -103,15 +143,18 @@ class ZoneClient:
     ws: WebSocket
     view: View
     task: asyncio.Task[Any] | None  # its handler, cancelled when the hub drops it
+    token: str = ""  # its credential, rechecked every key_cache_s
     seq: int = 0  # what it has been handed up to: its single slot of pending state
     fresh: bool = True  # its first frame (snapshot, or the resume delta) is still due
     resume: bool = False  # seq came from ?since=
+    epoch: str | None = None  # the numbering that seq came in (None: it did not say)
     sending: asyncio.Future[None] | None = None
     sent_at: float = 0.0  # loop time its last frame was handed to the socket
     errors: deque[str] = field(default_factory=lambda: deque(maxlen=4))
     frames: int = 0
     skipped: int = 0
-    dropped: bool = False
+    dropped: bool = False  # by the hub: `closing` says why
+    closing: Refusal | None = None
 
     @property
     def queued(self) -> int:
@@ -129,7 +172,9 @@ class ZoneHub:
         self.tick_seq = 0  # the book's seq at the last tick
         self.encoded = 0
         self._last = 0.0
+        self._checked = 0.0
         self._task: asyncio.Task[None] | None = None
+        self._checking: asyncio.Task[None] | None = None
 
     def join(self, client: ZoneClient) -> None:
         self.clients.add(client)
@@ -156,6 +201,7 @@ class ZoneHub:
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
+        self._checked = loop.time()  # clients were checked as they connected
         try:
             while self.clients:
                 await self._wait(loop)
@@ -164,9 +210,33 @@ class ZoneHub:
                         self.tick(loop.time())
                     except Exception:  # a bug must not silence every console for good
                         log.exception("zones hub tick failed")
+                    self._maybe_recheck(loop.time())
         finally:
+            if self._checking is not None:
+                self._checking.cancel()
             if _zone_hubs.get(id(self.ctx)) is self:
                 del _zone_hubs[id(self.ctx)]
+
+    def _maybe_recheck(self, now: float) -> None:
+        """Credentials again every key_cache_s, in a task of its own: the ticks go on while it
+        waits for the credential store."""
+        if self._checking is not None and not self._checking.done():
+            return
+        if now - self._checked < _recheck_every(self.ctx):
+            return
+        self._checked = now
+        self._checking = asyncio.create_task(self._recheck(), name="ws-zones-recheck")
+        self._checking.add_done_callback(_log_failure)
+
+    async def _recheck(self) -> None:
+        # Once per credential, not per client: a shared key costs one check.
+        verdicts: dict[str, Refusal | None] = {}
+        for c in list(self.clients):
+            if c.token not in verdicts:
+                verdicts[c.token] = await _recheck(self.ctx, c.token, ZONE_ROLES)
+            refused = verdicts[c.token]
+            if refused is not None and c in self.clients:
+                self._drop(c, refused)
 
     async def _wait(self, loop: asyncio.AbstractEventLoop) -> None:
         s = self.ctx.settings
@@ -192,7 +262,8 @@ class ZoneHub:
             if c.sending is not None:
                 if not c.sending.done():
                     if now - c.sent_at > s.send_timeout_s:
-                        self._drop(c)
+                        self._drop(c, _TOO_SLOW)
+                        SLOW_CLOSED.labels("zones").inc()
                     elif c.fresh or c.errors or c.seq != seq:
                         c.skipped += 1
                         skipped += 1
@@ -217,9 +288,9 @@ class ZoneHub:
             c.fresh = False
             since = c.seq
             changes = None
-            if c.resume:
-                changes = frames.changes((since, view.area_key),
-                                         partial(book.changes_since, since, view.area))  # fmt: skip
+            if c.resume:  # None unless c.epoch is the book's: then a snapshot
+                resume = partial(book.resume, c.epoch, since, view.area)
+                changes = frames.changes((c.epoch, since, view.area_key), resume)
             if changes is not None:
                 frame = frames.get(("resume", since, view.key),
                                    partial(delta_frame, changes, view, True))  # fmt: skip
@@ -241,7 +312,7 @@ class ZoneHub:
         if frame is not None:
             out.append(frame)
         elif not out and now - c.sent_at >= self.ctx.settings.heartbeat_s:
-            beat = frames.get(("heartbeat", c.seq), partial(heartbeat_frame, c.seq))
+            beat = frames.get(("heartbeat", c.seq), partial(heartbeat_frame, c.seq, book.epoch))
             assert beat is not None
             out.append(beat)
         return out
@@ -270,14 +341,17 @@ class ZoneHub:
             self.clients.discard(c)
             log.debug("zones client send failed", extra={"error": repr(exc)})
 
-    def _drop(self, c: ZoneClient) -> None:
-        c.dropped = True
+    def _drop(self, c: ZoneClient, why: Refusal) -> None:
+        """Stop sending to it now; its handler closes the socket with `why`."""
+        c.dropped, c.closing = True, why
         self.clients.discard(c)
         if c.sending is not None:
             c.sending.cancel()
         if c.task is not None:
             c.task.cancel()
-        SLOW_CLOSED.labels("zones").inc()
+
+
+_TOO_SLOW: Refusal = (4408, "too slow: a frame waited over send_timeout_s")
 
 
 def _log_failure(task: asyncio.Task[None]) -> None:
@@ -347,22 +421,24 @@ def _view(ctx: ApiContext, req: FilterRequest) -> View:
 @router.websocket("/ws/zones")
 async def zones_stream(websocket: WebSocket) -> None:
     """Live zone status for dispatch consoles (dispatcher, admin). See the module docstring;
-    `?since=<seq>` resumes, `?status=&bbox=&district=` or a filter message narrow the view."""
+    `?since=<epoch>:<seq>` resumes, `?status=&bbox=&district=` or a filter message narrow the
+    view."""
     ctx = _ctx(websocket)
-    if await _admit(websocket, ctx, "dispatcher") is None:
+    token = await _admit(websocket, ctx, *ZONE_ROLES)
+    if token is None:
         return
-    client = ZoneClient(websocket, View(), asyncio.current_task())
+    client = ZoneClient(websocket, View(), asyncio.current_task(), token)
     q = websocket.query_params
     try:
-        since = parse_seq(q.get("since"), "since")
+        since = parse_since(q.get("since"))
         client.view = _view(
             ctx, FilterRequest(q.getlist("status") or None, q.get("bbox"), q.get("district"))
         )
     except FrameError as exc:
         await _close(websocket, 4400, str(exc))
         return
-    if since is not None:
-        client.seq, client.resume = since, True
+    if since is not None:  # resumed only if since.epoch is the book's (ZoneHub._frames_for)
+        client.seq, client.epoch, client.resume = since.seq, since.epoch, True
     hub = _zone_hubs.get(id(ctx))
     if hub is None:
         hub = _zone_hubs[id(ctx)] = ZoneHub(ctx)
@@ -376,10 +452,10 @@ async def zones_stream(websocket: WebSocket) -> None:
             hub.request(client, message.get("text") or message.get("bytes") or "")
     except asyncio.CancelledError:
         task = asyncio.current_task()
-        if not client.dropped or task is None:
+        if client.closing is None or task is None:
             raise
         task.uncancel()  # the hub's own drop, not a shutdown
-        await _close(websocket, 4408, "too slow: a frame waited over send_timeout_s")
+        await _close(websocket, *client.closing)
     finally:
         hub.leave(client)
         CLIENTS.labels("zones").dec()
@@ -487,7 +563,8 @@ async def audit_stream(websocket: WebSocket) -> None:
     """The audit log in seq order (auditor, admin), from `?after=<seq>` (default 0: from the
     start), then live. Reconnect with the last seq received: no gaps, no repeats."""
     ctx = _ctx(websocket)
-    if await _admit(websocket, ctx, "auditor") is None:
+    token = await _admit(websocket, ctx, *AUDIT_ROLES)
+    if token is None:
         return
     try:
         after = parse_seq(websocket.query_params.get("after"), "after") or 0
@@ -500,29 +577,47 @@ async def audit_stream(websocket: WebSocket) -> None:
     feed.join()
     CLIENTS.labels("audit").inc()
     pump = asyncio.create_task(_audit_pump(websocket, ctx, feed, after))
+    loop = asyncio.get_running_loop()
+    checked = loop.time()
+    receive: asyncio.Future[Any] | None = None
+    refused: Refusal | None = None
     try:
         while True:
-            receive = asyncio.ensure_future(websocket.receive())
-            await asyncio.wait({pump, receive}, return_when=asyncio.FIRST_COMPLETED)
-            if not receive.done():
-                receive.cancel()
+            if receive is None:
+                receive = asyncio.ensure_future(websocket.receive())
+            wait_s = max(0.0, checked + _recheck_every(ctx) - loop.time())
+            await asyncio.wait({pump, receive}, timeout=wait_s,
+                               return_when=asyncio.FIRST_COMPLETED)  # fmt: skip
+            if pump.done():
                 break
-            if receive.result()["type"] == "websocket.disconnect":
-                break
-            reply = error_frame("this stream takes no messages; resume with ?after=<seq>")
-            await _run_with_timeout(websocket.send_text(reply), ctx.settings.send_timeout_s)
+            if receive.done():
+                message, receive = receive.result(), None
+                if message["type"] == "websocket.disconnect":
+                    break
+                reply = error_frame("this stream takes no messages; resume with ?after=<seq>")
+                await _run_with_timeout(websocket.send_text(reply), ctx.settings.send_timeout_s)
+            elif loop.time() - checked >= _recheck_every(ctx):
+                checked = loop.time()
+                refused = await _recheck(ctx, token, AUDIT_ROLES)
+                if refused is not None:
+                    break
     finally:
+        if receive is not None:
+            receive.cancel()
         pump.cancel()
         with contextlib.suppress(asyncio.CancelledError, Exception):
             await pump
         await feed.leave()
         CLIENTS.labels("audit").dec()
+    if refused is not None:
+        await _close(websocket, *refused)
+        return
     if pump.cancelled():
         return
     failure = pump.exception()
     if isinstance(failure, TimeoutError):
         SLOW_CLOSED.labels("audit").inc()
-        await _close(websocket, 4408, "too slow: a frame waited over send_timeout_s")
+        await _close(websocket, *_TOO_SLOW)
     elif failure is not None and not isinstance(
         failure, WebSocketDisconnect | OSError | RuntimeError
     ):

@@ -16,6 +16,7 @@
   const units = new Map(); // unit_id -> marker
   let key = null;
   let seq = null;
+  let epoch = null; // the numbering seq counts in: one per API process, so a seq needs it
   let socket = null;
   let retryMs = 1000;
   let selected = null;
@@ -236,7 +237,7 @@
   function connect() {
     const proto = location.protocol === "https:" ? "wss:" : "ws:";
     let url = `${proto}//${location.host}/v1/ws/zones?token=${encodeURIComponent(key)}`;
-    if (seq !== null) url += `&since=${seq}`;
+    if (seq !== null && epoch !== null) url += `&since=${encodeURIComponent(epoch)}:${seq}`;
     socket = new WebSocket(url);
     socket.onopen = () => { retryMs = 1000; setConn("open", "live"); };
     socket.onmessage = (ev) => {
@@ -248,7 +249,10 @@
       } else if (frame.type === "delta") {
         for (const s of frame.zones) applyStatus(s);
       }
-      if (typeof frame.seq === "number") seq = frame.seq;
+      if (typeof frame.seq === "number" && typeof frame.epoch === "string") {
+        seq = frame.seq;
+        epoch = frame.epoch;
+      }
     };
     socket.onclose = (ev) => {
       if (ev.code === 4401 || ev.code === 4403) {
@@ -257,6 +261,7 @@
         askKey();
         return;
       }
+      if (ev.code === 4400) { seq = null; epoch = null; } // a since it refused: start afresh
       setConn("reconnecting", `reconnecting in ${Math.round(retryMs / 1000)} s…`);
       setTimeout(connect, retryMs);
       retryMs = Math.min(retryMs * 2, 10000);

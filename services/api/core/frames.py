@@ -2,13 +2,15 @@
 and the per-tick cache that encodes each distinct frame once. Pure: no I/O.
 
 Server frames (JSON text):
-    {"type": "snapshot", "seq": N, "zones": [...], "filter": {...}[, "resumed": false]}
-    {"type": "delta", "seq": N, "zones": [...], "conflated": bool[, "resumed": true]}
-    {"type": "heartbeat", "seq": N}
+    {"type": "snapshot", "seq": N, "epoch": E, "zones": [...], "filter": {...}[, "resumed": false]}
+    {"type": "delta", "seq": N, "epoch": E, "zones": [...], "conflated": bool[, "resumed": true]}
+    {"type": "heartbeat", "seq": N, "epoch": E}        (audit heartbeats: no epoch)
     {"type": "error", "detail": "..."}
     {"type": "audit", "seq": N, "hash": "...", "event": {...}}
 In a delta, a deleted zone is {"zone_id", "deleted": true}, and a zone whose new status is
-outside the client's status filter is {"zone_id", "excluded": true} (it left the filter)."""
+outside the client's status filter is {"zone_id", "excluded": true} (it left the filter).
+A zones seq counts within its epoch (one per API process, see statusbook): a client resumes
+with ?since=<epoch>:<seq>."""
 
 from __future__ import annotations
 
@@ -72,8 +74,8 @@ def encode(doc: dict[str, Any]) -> str:
 
 
 def snapshot_frame(snap: Changes, view: View, resumed: bool | None = None) -> str:
-    doc: dict[str, Any] = {"type": "snapshot", "seq": snap.seq, "zones": snap.statuses,
-                           "filter": view.describe()}  # fmt: skip
+    doc: dict[str, Any] = {"type": "snapshot", "seq": snap.seq, "epoch": snap.epoch,
+                           "zones": snap.statuses, "filter": view.describe()}  # fmt: skip
     if resumed is not None:
         doc["resumed"] = resumed
     return encode(doc)
@@ -99,15 +101,18 @@ def delta_frame(changes: Changes, view: View, resumed: bool | None = None) -> st
     zones = delta_entries(changes.statuses, view)
     if not zones and resumed is None:
         return None
-    doc: dict[str, Any] = {"type": "delta", "seq": changes.seq, "zones": zones,
-                           "conflated": changes.conflated}  # fmt: skip
+    doc: dict[str, Any] = {"type": "delta", "seq": changes.seq, "epoch": changes.epoch,
+                           "zones": zones, "conflated": changes.conflated}  # fmt: skip
     if resumed is not None:
         doc["resumed"] = resumed
     return encode(doc)
 
 
-def heartbeat_frame(seq: int) -> str:
-    return encode({"type": "heartbeat", "seq": seq})
+def heartbeat_frame(seq: int, epoch: str | None = None) -> str:
+    """Zones heartbeats carry the book's epoch; audit seqs are the database's, with none."""
+    if epoch is None:
+        return encode({"type": "heartbeat", "seq": seq})
+    return encode({"type": "heartbeat", "seq": seq, "epoch": epoch})
 
 
 def error_frame(detail: str) -> str:
@@ -145,13 +150,38 @@ class TickFrames:
 
 
 def parse_seq(text: str | None, name: str) -> int | None:
-    """A ?since= / ?after= value: absent -> None; anything but a non-negative integer is an
-    error, never a silent start from scratch."""
+    """An ?after= value (or the seq of a ?since=): absent -> None; anything but a non-negative
+    integer in ASCII digits is an error, never a silent start from scratch. (str.isdigit alone
+    admits "²", which int() refuses, and other scripts' digits, which int() reads.)"""
     if text is None or text == "":
         return None
-    if not text.isdigit() or len(text) > 18:
+    if not (text.isascii() and text.isdigit()) or len(text) > 18:
         raise FrameError(f"{name} must be a non-negative integer sequence number")
     return int(text)
+
+
+MAX_EPOCH = 64
+
+
+@dataclass(frozen=True, slots=True)
+class ResumeFrom:
+    """Where a zones client says it is: a seq, and the epoch it counts in (None: a bare seq,
+    from a client that predates epochs; nothing can be resumed from it)."""
+
+    epoch: str | None
+    seq: int
+
+
+def parse_since(text: str | None) -> ResumeFrom | None:
+    """A ?since= value: `<epoch>:<seq>` as the frames give them, or a bare `<seq>`."""
+    if text is None or text == "":
+        return None
+    epoch, colon, seq = text.rpartition(":")
+    if colon and not (0 < len(epoch) <= MAX_EPOCH and epoch.isascii() and epoch.isalnum() and seq):
+        raise FrameError("since must be <epoch>:<seq> as the last frame gave them")
+    at = parse_seq(seq, "since")
+    assert at is not None
+    return ResumeFrom(epoch if colon else None, at)
 
 
 def parse_client_message(text: str | bytes) -> FilterRequest:

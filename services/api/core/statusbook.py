@@ -4,10 +4,16 @@ Every applied status gets the next sequence number. A client that has seen up to
 `changes_since(seq)`: the latest status of each zone changed since, which is conflation by
 construction (a slow client skips intermediate states of a zone, never the latest one), and
 is told whether anything was skipped. Only the numbers of recent changes are kept, so memory
-is bounded by zones + `keep`, whatever the clients do."""
+is bounded by zones + `keep`, whatever the clients do.
+
+Numbers mean something only within one book: a restarted process, or another replica, numbers
+the same statuses afresh (a replay numbers each once, whatever came before). So each book has
+a random `epoch`, sent with every seq, and a client resumes with both (`resume`); a seq from
+another epoch, or without one, gets a snapshot."""
 
 from __future__ import annotations
 
+import secrets
 from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -19,12 +25,18 @@ class Changes:
     statuses: list[dict[str, Any]]
     seq: int  # the newest seq these bring the client to
     conflated: bool  # some zone changed more than once: only its latest state is here
+    epoch: str  # the numbering seq belongs to: the book's
+
+
+def new_epoch() -> str:
+    return secrets.token_hex(4)
 
 
 @dataclass(slots=True)
 class StatusBook:
     keep: int = 50_000
     seq: int = 0
+    epoch: str = field(default_factory=new_epoch)  # this book's numbering (tests inject one)
     zones: dict[str, dict[str, Any]] = field(default_factory=dict)
     zone_seq: dict[str, int] = field(default_factory=dict)
     # unit -> zone -> arrival (the status's own "since" text)
@@ -76,7 +88,16 @@ class StatusBook:
 
     def snapshot(self, keep: Callable[[str, dict[str, Any]], bool] | None = None) -> Changes:
         statuses = [s for z, s in sorted(self.zones.items()) if keep is None or keep(z, s)]
-        return Changes(statuses, self.seq, False)
+        return Changes(statuses, self.seq, False, self.epoch)
+
+    def resume(
+        self, epoch: str | None, seq: int, keep: Callable[[str, dict[str, Any]], bool] | None = None
+    ) -> Changes | None:
+        """changes_since for a client that holds (epoch, seq): None (it needs a snapshot) when
+        that seq is another book's numbering, or of a numbering it did not say."""
+        if epoch != self.epoch:
+            return None
+        return self.changes_since(seq, keep)
 
     def changes_since(
         self, seq: int, keep: Callable[[str, dict[str, Any]], bool] | None = None
@@ -84,9 +105,9 @@ class StatusBook:
         """What a client at `seq` has not seen; None if that is older than what is kept
         (it needs a fresh snapshot). Deleted zones come as {"zone_id", "deleted": true}."""
         if seq > self.seq:
-            return None  # from another replica's numbering, or a restart: start over
+            return None  # from another numbering (see resume, which checks that): start over
         if seq == self.seq:
-            return Changes([], seq, False)
+            return Changes([], seq, False, self.epoch)
         oldest = self._log[0][0] if self._log else self.seq + 1
         if seq + 1 < oldest:
             return None
@@ -99,7 +120,7 @@ class StatusBook:
                 out.append({"zone_id": zone_id, "deleted": True})
             elif keep is None or keep(zone_id, status):
                 out.append(status)
-        return Changes(out, self.seq, conflated)
+        return Changes(out, self.seq, conflated, self.epoch)
 
 
 def _after(log: deque[tuple[int, str]], seq: int) -> Iterable[tuple[int, str]]:
