@@ -9,11 +9,13 @@ import os
 import shutil
 from pathlib import Path
 
+import httpx
 import pytest
 
 from tests.api_helpers import api_stack, ping
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+XSS = '<img src=x onerror="window.__xss = 1">'
 INSIDE = {
     "Z000": (-73.99308646946923, 40.71047563789939),
     "Z001": (-73.9969840671398, 40.721618846921444),
@@ -34,6 +36,11 @@ async def _scenario(kafka_bootstrap: str, database_url: str, topic_prefix: str,
     ):
         browser = await pw.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
         try:
+            # A zone name carrying markup must show as text, never run.
+            async with httpx.AsyncClient(base_url=st.base, headers=st.headers("admin")) as http:
+                z1 = (await http.get("/v1/zones/Z001")).json()["feature"]
+                z1["properties"]["name"] = XSS
+                assert (await http.put("/v1/zones/Z001", json=z1)).status_code == 200
             page = await browser.new_page(viewport={"width": 1400, "height": 900})
             errors: list[str] = []
             page.on("pageerror", lambda e: errors.append(str(e)))
@@ -64,6 +71,11 @@ async def _scenario(kafka_bootstrap: str, database_url: str, topic_prefix: str,
             await page.wait_for_selector('#conn[data-state="open"]', timeout=20_000)
             await page.wait_for_function("window.dosewatch.zoneStatus('Z001') === 'active'")
             assert await page.evaluate("window.dosewatch.zoneStatus('Z000')") == "active"
+            assert XSS in await page.inner_text("#feed")  # shown as text...
+            await page.evaluate("window.dosewatch.showTooltip('Z001')")  # as on hover
+            await page.wait_for_selector(".leaflet-tooltip")
+            assert XSS in await page.inner_text(".leaflet-tooltip")
+            assert await page.evaluate("window.__xss") is None  # ...and never run
             assert not errors, errors
         finally:
             await browser.close()

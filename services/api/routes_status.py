@@ -70,7 +70,9 @@ async def list_status(
     allow_poll(ctx, caller, "dispatcher", "mdt", "auditor")
     keep = status_filter(ctx, status, parse_bbox(bbox) if bbox else None, district)
     snap = ctx.book.snapshot(keep)
-    return {"seq": snap.seq, "zones": [seen_by(caller, s) for s in snap.statuses]}
+    # With the epoch, a websocket can resume from this listing (?since=<epoch>:<seq>).
+    return {"epoch": ctx.book.epoch, "seq": snap.seq,
+            "zones": [seen_by(caller, s) for s in snap.statuses]}  # fmt: skip
 
 
 @router.get("/zones/{zone_id}/status", summary="Current status of one zone")

@@ -338,7 +338,8 @@
     units: () => units.size,
     seq: () => seq,
     dropConnection: () => socket && socket.close(),
-    fitAll: () => zoneLayer && map.fitBounds(zoneLayer.getBounds()),
+    fitAll: () => void (zoneLayer && map.fitBounds(zoneLayer.getBounds())),
+    showTooltip: (id) => void (zones.get(id) && zones.get(id).layer.openTooltip()),
   };
 
   if (readKey()) start(); else askKey();
