@@ -76,6 +76,18 @@ async def _scenario(kafka_bootstrap: str, database_url: str, topic_prefix: str,
             await page.wait_for_selector(".leaflet-tooltip")
             assert XSS in await page.inner_text(".leaflet-tooltip")
             assert await page.evaluate("window.__xss") is None  # ...and never run
+
+            # A zone created while the console is open is drawn; a deleted one goes.
+            async with httpx.AsyncClient(base_url=st.base, headers=st.headers("admin")) as http:
+                new = (await http.get("/v1/zones/Z002")).json()["feature"]
+                new["id"] = "Z900"
+                new["geometry"]["coordinates"] = [
+                    [[x + 0.05, y] for x, y, *_ in ring] for ring in new["geometry"]["coordinates"]
+                ]
+                assert (await http.post("/v1/zones", json=new)).status_code == 201
+                await page.wait_for_function("window.dosewatch.renderedZones() === 13")
+                assert (await http.delete("/v1/zones/Z900")).status_code in (200, 204)
+                await page.wait_for_function("window.dosewatch.renderedZones() === 12")
             assert not errors, errors
         finally:
             await browser.close()

@@ -84,6 +84,7 @@
     const before = z.status ? z.status.status : null;
     z.status = s;
     z.receivedAt = Date.now();
+    if (!z.layer) drawNewZones(); // created after this page loaded
     if (z.layer) z.layer.setStyle(style(s.status));
     if (before && before !== s.status) {
       feed(`${z.name || s.zone_id}: ${before} → ${s.status}`, s.status);
@@ -245,7 +246,8 @@
       if (frame.type === "snapshot") {
         const seen = new Set();
         for (const s of frame.zones) { applyStatus(s); seen.add(s.zone_id); }
-        for (const [id, z] of zones) if (!seen.has(id) && z.status) z.status = null;
+        // A zone missing from a snapshot is gone (deleted while this console was away).
+        for (const id of [...zones.keys()]) if (!seen.has(id)) applyStatus({ zone_id: id, deleted: true });
       } else if (frame.type === "delta") {
         for (const s of frame.zones) applyStatus(s);
       }
@@ -266,6 +268,23 @@
       setTimeout(connect, retryMs);
       retryMs = Math.min(retryMs * 2, 10000);
     };
+  }
+
+  let drawPending = null;
+  function drawNewZones() {
+    if (drawPending || !zoneLayer) return;
+    drawPending = setTimeout(async () => { // one reload for a burst of new zones
+      try {
+        const r = await api("/v1/map/zones");
+        if (r.ok) {
+          const geo = await r.json();
+          geo.features = geo.features.filter((f) => { const z = zones.get(f.properties.zone_id); return !z || !z.layer; });
+          zoneLayer.addData(geo);
+        }
+      } finally {
+        drawPending = null;
+      }
+    }, 1000);
   }
 
   async function loadZones() {
