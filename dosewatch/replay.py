@@ -284,34 +284,52 @@ def run_replay(
                     _write(events_out, status_cloudevent(change, settings.source))
                     summary.events += 1
 
-        batch: list[Fix] = []
+        # The batch as columns (unit_id, ts, lon, lat, accuracy_m): no Fix per ping.
+        units: list[str] = []
+        times: list[int] = []
+        lons: list[float] = []
+        lats: list[float] = []
+        accuracies: list[float | None] = []
+        columns = (units, times, lons, lats, accuracies)
+
+        def flush() -> None:
+            emit(tracker.process_columns(*columns))
+            for column in columns:
+                column.clear()
+
         size = settings.batch_size
-        fast = FastPings()
-        read = fast.read
+        read = FastPings().read
         lineno = 0
         try:
             for line in source:
                 lineno += 1
                 ping = read(line)
-                if ping is not None:
-                    batch.append(Fix(*ping))
-                    if len(batch) >= size:
-                        emit(tracker.process(batch))
-                        batch.clear()
+                if ping is None:
+                    for fix, rejected in _decode_slowly(lineno, line):
+                        if fix is not None:
+                            units.append(fix.unit_id)
+                            times.append(fix.ts)
+                            lons.append(fix.lon)
+                            lats.append(fix.lat)
+                            accuracies.append(fix.accuracy_m)
+                            if len(units) >= size:
+                                flush()
+                        elif rejected is not None:
+                            _write(rejected_out, rejected.row())
+                            summary.rejected += 1
                     continue
-                for fix, rejected in _decode_slowly(lineno, line):
-                    if fix is not None:
-                        batch.append(fix)
-                        if len(batch) >= size:
-                            emit(tracker.process(batch))
-                            batch.clear()
-                    elif rejected is not None:
-                        _write(rejected_out, rejected.row())
-                        summary.rejected += 1
+                unit_id, ts, lon, lat, accuracy = ping
+                units.append(unit_id)
+                times.append(ts)
+                lons.append(lon)
+                lats.append(lat)
+                accuracies.append(accuracy)
+                if len(units) >= size:
+                    flush()
         except OSError as exc:
             raise ReplayError(f"cannot read {pings_path}: {exc.strerror or exc}") from None
         summary.lines = lineno
-        emit(tracker.process(batch))
+        flush()
         emit(tracker.finish())
 
     ended.sort(key=lambda e: (e.started_at, e.unit_id, e.zone_id))
@@ -344,4 +362,4 @@ def run_replay(
 
 
 def _write(stream: IO[bytes], row: dict[str, Any]) -> None:
-    stream.write(orjson.dumps(row) + b"\n")
+    stream.write(orjson.dumps(row, option=orjson.OPT_APPEND_NEWLINE))

@@ -106,8 +106,10 @@ class VisitTracker:
         self._max_gap = params.max_gap_ms
         self._confirm = params.exit_confirm_ms
         self._max_accuracy = params.max_accuracy_m
-        # (last usable ts, unit) for units with open visits; stale entries are skipped lazily.
+        # (ts, unit): each unit with open visits has one entry at or before its last usable ping;
+        # an entry found behind that ping moves up to it when it comes out (not on every ping).
         self._watch: list[tuple[int, str]] = []
+        self._watched: set[str] = set()
         # Units whose state changed since the owner last saved it (live services persist these).
         self.dirty: set[str] = set()
         self._reshaped: set[tuple[str, str]] = set()  # restored visits on an older zone shape
@@ -116,25 +118,75 @@ class VisitTracker:
 
     def process(self, fixes: Sequence[Fix]) -> list[VisitEvent]:
         """Apply a batch of valid pings in arrival order."""
-        out: list[VisitEvent] = []
         if not fixes:
-            return out
-        hits = self.index.classify(
-            np.fromiter((f.lon for f in fixes), dtype=np.float64, count=len(fixes)),
-            np.fromiter((f.lat for f in fixes), dtype=np.float64, count=len(fixes)),
+            return []
+        return self.process_columns(
+            [f.unit_id for f in fixes],
+            [f.ts for f in fixes],
+            [f.lon for f in fixes],
+            [f.lat for f in fixes],
+            [f.accuracy_m for f in fixes],
         )
-        hit_point = hits.point.tolist()
+
+    def process_columns(
+        self,
+        unit_ids: Sequence[str],
+        ts: Sequence[int],
+        lon: Sequence[float],
+        lat: Sequence[float],
+        accuracy_m: Sequence[float | None],
+    ) -> list[VisitEvent]:
+        """`process` for a batch held as columns, one entry per valid ping (as a bulk reader
+        holds them), without a `Fix` per ping."""
+        out: list[VisitEvent] = []
+        n = len(unit_ids)
+        if n == 0:
+            return out
+        hits = self.index.classify(np.array(lon, dtype=np.float64), np.array(lat, dtype=np.float64))
+        # Ping i's hits are hit_*[first[i] : first[i + 1]].
+        first = np.searchsorted(hits.point, np.arange(n + 1)).tolist()
         hit_zone = hits.zone.tolist()
         hit_inside = hits.inside.tolist()
         zone_ids = self.index.zone_ids
-        k = 0
-        n_hits = len(hit_point)
-        for i, fix in enumerate(fixes):
-            here: dict[str, bool] = {}
-            while k < n_hits and hit_point[k] == i:
-                here[zone_ids[hit_zone[k]]] = hit_inside[k]
-                k += 1
-            self._apply(fix, here, out)
+        nowhere: dict[str, bool] = {}
+        stats = self.stats
+        units = self.units
+        mark_dirty = self.dirty.add
+        watch = self._watch
+        max_gap, max_accuracy = self._max_gap, self._max_accuracy
+        for i in range(n):
+            unit_id, t, acc = unit_ids[i], ts[i], accuracy_m[i]
+            stats.valid += 1
+            clock = self.clock
+            if clock is None or t > clock:
+                self.clock = t
+                if watch and watch[0][0] < t - max_gap:
+                    self._watchdog(out, t)
+            unit = units.get(unit_id)
+            if unit is None:
+                unit = units[unit_id] = UnitState()
+            mark_dirty(unit_id)
+            if unit.seen_ts is None or t >= unit.seen_ts:
+                unit.seen_ts, unit.seen_lon, unit.seen_lat = t, lon[i], lat[i]
+                unit.seen_accuracy_m = acc
+            if acc is not None and acc > max_accuracy:
+                stats.low_accuracy += 1
+                continue
+            prev = unit.last_usable
+            if prev is not None and t <= prev:
+                if t == prev:
+                    stats.duplicate += 1
+                else:
+                    stats.late += 1
+                continue
+            stats.usable += 1
+            lo, hi = first[i], first[i + 1]
+            here = (
+                {zone_ids[hit_zone[k]]: hit_inside[k] for k in range(lo, hi)}
+                if lo != hi
+                else nowhere
+            )
+            self._usable(unit_id, unit, t, prev, here, out)
         return out
 
     def advance(self, clock: int) -> list[VisitEvent]:
@@ -167,6 +219,7 @@ class VisitTracker:
             reason = EndReason.SIGNAL_LOST if lost else EndReason.END_OF_INPUT
             self._close_all(unit, reason, clock, out)
         self._watch.clear()
+        self._watched.clear()
         return out
 
     def replace_index(self, index: ZoneIndex) -> list[VisitEvent]:
@@ -193,30 +246,17 @@ class VisitTracker:
 
     # -- rules -------------------------------------------------------------------------------
 
-    def _apply(self, fix: Fix, here: dict[str, bool], out: list[VisitEvent]) -> None:
-        self.stats.valid += 1
-        if self.clock is None or fix.ts > self.clock:
-            self.clock = fix.ts
-            self._watchdog(out, fix.ts)
-        unit = self.units.get(fix.unit_id)
-        if unit is None:
-            unit = self.units[fix.unit_id] = UnitState()
-        self.dirty.add(fix.unit_id)
-        if unit.seen_ts is None or fix.ts >= unit.seen_ts:
-            unit.seen_ts, unit.seen_lon, unit.seen_lat = fix.ts, fix.lon, fix.lat
-            unit.seen_accuracy_m = fix.accuracy_m
-        if fix.accuracy_m is not None and fix.accuracy_m > self._max_accuracy:
-            self.stats.low_accuracy += 1
-            return
-        ts = fix.ts
-        prev = unit.last_usable
-        if prev is not None and ts <= prev:
-            if ts == prev:
-                self.stats.duplicate += 1
-            else:
-                self.stats.late += 1
-            return
-        self.stats.usable += 1
+    def _usable(
+        self,
+        unit_id: str,
+        unit: UnitState,
+        ts: int,
+        prev: int | None,
+        here: dict[str, bool],
+        out: list[VisitEvent],
+    ) -> None:
+        """A usable ping (in order, accurate enough) meets the unit's visits: `here` maps each
+        zone the ping is inside of (True) or near (False)."""
         if prev is not None and ts - prev > self._max_gap and unit.open:
             self._close_all(unit, EndReason.SIGNAL_LOST, ts, out)
         index = self.index
@@ -232,24 +272,34 @@ class VisitTracker:
                     del unit.open[zone_id]
         for zone_id, inside in here.items():
             if inside and zone_id not in unit.open:
-                visit = Visit.open(fix.unit_id, zone_id, ts)
+                visit = Visit.open(unit_id, zone_id, ts)
                 unit.open[zone_id] = visit
                 out.append(self._event(VisitEventKind.STARTED, ts, visit, index))
         unit.last_usable = ts
         if unit.open:
+            assert self.clock is not None
             if self.clock - ts > self._max_gap:
                 # A unit already further behind the stream clock than max_gap: the watchdog
                 # holds at once, whether or not another ping moves the clock before its next one.
                 self._close_all(unit, EndReason.SIGNAL_LOST, self.clock, out)
-            else:
-                heapq.heappush(self._watch, (ts, fix.unit_id))
+            elif unit_id not in self._watched:
+                self._watched.add(unit_id)
+                heapq.heappush(self._watch, (ts, unit_id))
 
     def _watchdog(self, out: list[VisitEvent], clock: int) -> None:
+        """Close the visits of units silent for more than max_gap at `clock`, in the order of
+        their last usable ping (then unit id)."""
         horizon = clock - self._max_gap
         watch = self._watch
         while watch and watch[0][0] < horizon:
             ts, unit_id = heapq.heappop(watch)
             unit = self.units[unit_id]
+            if unit.open and unit.last_usable is not None and unit.last_usable > ts:
+                # Pinged since: its entry moves up to that ping, and comes out again here if
+                # that ping is past the horizon too, in its place in the order.
+                heapq.heappush(watch, (unit.last_usable, unit_id))
+                continue
+            self._watched.discard(unit_id)
             if unit.last_usable == ts and unit.open:
                 self._close_all(unit, EndReason.SIGNAL_LOST, clock, out)
 
@@ -322,6 +372,7 @@ class VisitTracker:
             )
         self.units[unit_id] = unit
         if unit.open and unit.last_usable is not None:
+            self._watched.add(unit_id)
             heapq.heappush(self._watch, (unit.last_usable, unit_id))
 
     def export_meta(self) -> dict[str, Any]:
