@@ -163,11 +163,12 @@ def test_city_scattered_and_on_the_edges(buffer_m: float) -> None:
     assert_same(index, lon[:3000], lat[:3000], batch=13)
 
 
-def test_odd_zones_among_ordinary_ones() -> None:
+@pytest.mark.parametrize("buffer_m", [25.0, 0.0])
+def test_odd_zones_among_ordinary_ones(buffer_m: float) -> None:
     rng = np.random.default_rng(8)
     zones = city(400)
     zones = zones[:200] + ODD + zones[200:]
-    index = ZoneIndex(zones, DosageParams())
+    index = ZoneIndex(zones, DosageParams(exit_buffer_m=buffer_m))
     lon, lat = scattered(zones, 20_000, rng)
     assert assert_same(index, lon, lat) > 10_000
     lon, lat = on_the_edges(ODD, 20_000, rng, [0.0, 0.0, 1e-7, 2.0, 25.0, 25.0001, 25.9, 30.0])

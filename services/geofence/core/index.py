@@ -60,16 +60,103 @@ class ZoneIndex:
         self._metric = self.projection.geometries(self._lonlat)
         shapely.prepare(self._lonlat)
         shapely.prepare(self._metric)
-        # A metre of slack on the buffered bounds: the exact tests decide, never the grid.
+        # A pair is a candidate when the point is in the zone's bounds in metres grown by the
+        # buffer and a metre of slack; the exact tests decide, never the bounds.
         pad = self.buffer_m + 1.0
         mb = shapely.bounds(self._metric).reshape(-1, 4)
-        self._grid = _Grid(mb[:, 0] - pad, mb[:, 1] - pad, mb[:, 2] + pad, mb[:, 3] + pad)
+        self._mx0, self._my0 = mb[:, 0] - pad, mb[:, 1] - pad
+        self._mx1, self._my1 = mb[:, 2] + pad, mb[:, 3] + pad
         lb = shapely.bounds(self._lonlat).reshape(-1, 4)
         self._lon0, self._lat0, self._lon1, self._lat1 = (
             np.ascontiguousarray(lb[:, k]) for k in range(4)
         )
+        # Candidates are looked up in lon/lat, so that only points that need metres (for the
+        # distance test) are projected: a box around each zone that holds every point whose
+        # projection is in those bounds.
+        box, self._safe = self._lonlat_boxes()
+        self._grid = _Grid(*box)
         self._sides_lonlat = _Sides(self._lonlat)
         self._sides_metric = _Sides(self._metric)
+
+    def _lonlat_boxes(self) -> tuple[tuple[FloatArray, ...], BoolArray]:
+        """Per zone: a lon/lat box holding every point whose projection is in the metric
+        bounds above, and whether a point on or in the zone is certainly in those bounds (then
+        an inside pair needs no projection at all).
+
+        The box comes from a linear model of the projection at the zone, checked against the
+        projection itself; zones where that model is poor (far from the projection's centre,
+        near a pole or the antimeridian, very large) get a box holding every point, and are
+        never taken as certain.
+        """
+        n = len(self.zones)
+        lon0, lat0, lon1, lat1 = self._lon0, self._lat0, self._lon1, self._lat1
+        fwd = self.projection.forward
+        # d(x, y)/d(lon, lat) at each zone's centre, in metres per degree.
+        clon, clat = (lon0 + lon1) / 2.0, (lat0 + lat1) / 2.0
+        h = 1e-5
+        x, y = fwd(np.concatenate([clon, clon + h, clon]), np.concatenate([clat, clat, clat + h]))
+        cx, cy = x[:n], y[:n]
+        a, b = (x[n : 2 * n] - cx) / h, (x[2 * n :] - cx) / h
+        c, d = (y[n : 2 * n] - cy) / h, (y[2 * n :] - cy) / h
+        with np.errstate(divide="ignore", invalid="ignore"):
+            det = a * d - b * c
+            ia, ib, ic, id_ = d / det, -b / det, -c / det, a / det
+        # Eight points around each metric bounds box, taken back to lon/lat by the model...
+        tx = np.column_stack([self._mx0, self._mx1, self._mx1, self._mx0] * 2)
+        ty = np.column_stack([self._my0, self._my0, self._my1, self._my1] * 2)
+        tx[:, 4:] = (tx[:, 4:] + np.roll(tx[:, :4], -1, axis=1)) / 2.0  # side midpoints
+        ty[:, 4:] = (ty[:, 4:] + np.roll(ty[:, :4], -1, axis=1)) / 2.0
+        dx, dy = tx - cx[:, None], ty - cy[:, None]
+        qlon = clon[:, None] + ia[:, None] * dx + ib[:, None] * dy
+        qlat = clat[:, None] + ic[:, None] * dx + id_[:, None] * dy
+        # ... and forward again: how far the model misses, in metres, bounds its error.
+        fx, fy = fwd(qlon.ravel(), qlat.ravel())
+        miss = np.hypot(fx.reshape(n, 8) - tx, fy.reshape(n, 8) - ty).max(axis=1)
+        norm = np.sqrt(ia * ia + ib * ib + ic * ic + id_ * id_)  # degrees per metre, at most
+        qlon0, qlon1 = qlon.min(axis=1), qlon.max(axis=1)
+        qlat0, qlat1 = qlat.min(axis=1), qlat.max(axis=1)
+        slack = 2.0 * norm * miss + 0.01 * np.maximum(qlon1 - qlon0, qlat1 - qlat0) + 1e-7
+        box = (
+            np.minimum(qlon0 - slack, lon0),
+            np.minimum(qlat0 - slack, lat0),
+            np.maximum(qlon1 + slack, lon1),
+            np.maximum(qlat1 + slack, lat1),
+        )
+        with np.errstate(invalid="ignore"):
+            sound = (
+                np.isfinite(slack)
+                & (miss < 100.0)
+                & (np.hypot(cx, cy) < 1_000_000.0)
+                & (box[0] > -180.0)
+                & (box[2] < 180.0)
+                & (box[1] > -80.0)
+                & (box[3] < 80.0)
+            )
+        everywhere = np.full(n, np.inf)
+        box = (
+            np.where(sound, box[0], -everywhere),
+            np.where(sound, box[1], -everywhere),
+            np.where(sound, box[2], everywhere),
+            np.where(sound, box[3], everywhere),
+        )
+        # Certain: the zone's lon/lat bounds, projected (eight points, with room for the
+        # bending of its sides between them), lie inside the metric bounds.
+        sx = np.column_stack([lon0, lon1, lon1, lon0, clon, lon1, clon, lon0])
+        sy = np.column_stack([lat0, lat0, lat1, lat1, lat0, clat, lat1, clat])
+        px, py = fwd(sx.ravel(), sy.ravel())
+        px, py = px.reshape(n, 8), py.reshape(n, 8)
+        px0, px1, py0, py1 = px.min(axis=1), px.max(axis=1), py.min(axis=1), py.max(axis=1)
+        span = np.maximum(px1 - px0, py1 - py0)
+        bend = 4.0 * span * span / 6_371_000.0 + 1e-3
+        with np.errstate(invalid="ignore"):
+            safe = (
+                sound
+                & (px0 - bend > self._mx0)
+                & (px1 + bend < self._mx1)
+                & (py0 - bend > self._my0)
+                & (py1 + bend < self._my1)
+            )
+        return box, safe
 
     def __len__(self) -> int:
         return len(self.zones)
@@ -79,31 +166,55 @@ class ZoneIndex:
         if len(self.zones) == 0 or len(lon) == 0:
             empty = np.empty(0, dtype=np.intp)
             return Hits(empty, empty, np.empty(0, dtype=np.bool_))
-        x, y = self.projection.forward(lon, lat)
-        pt, zn = self._grid.query(x, y)  # per point, zones in index order: deterministic
-        plon, plat = lon[pt], lat[pt]
+        lon = np.asarray(lon, dtype=np.float64)
+        lat = np.asarray(lat, dtype=np.float64)
+        pt, zn = self._grid.query(lon, lat)  # per point, zones in index order: deterministic
+        plon, plat = lon.take(pt), lat.take(pt)
         # Inside, on the zone as drawn. Outside its bounds a point cannot be on or in it; away
         # from its sides, counting the sides crossed on the way east settles it.
         inside = np.zeros(len(pt), dtype=np.bool_)
         k = np.flatnonzero(
-            (plon >= self._lon0[zn])
-            & (plon <= self._lon1[zn])
-            & (plat >= self._lat0[zn])
-            & (plat <= self._lat1[zn])
+            (plon >= self._lon0.take(zn))
+            & (plon <= self._lon1.take(zn))
+            & (plat >= self._lat0.take(zn))
+            & (plat <= self._lat1.take(zn))
         )
         sure, k = self._sides_lonlat.settle(zn[k], plon[k], plat[k], k)
-        d2, crossed = sure.d2, sure.crossed
-        clear = d2 > _SLACK_DEG**2
-        inside[sure.pair[clear]] = crossed[clear]
+        clear = sure.d2 > _SLACK_DEG**2
+        inside[sure.pair[clear]] = sure.crossed[clear]
         k = np.concatenate([k, sure.pair[~clear]])
         if len(k):
             inside[k] = shapely.intersects_xy(self._lonlat[zn[k]], plon[k], plat[k])
-        # Near, in metres: clearly within the buffer of a side (or inside the metric shape),
-        # clearly beyond it from every side (and outside), or else GEOS's distance test.
-        near = np.zeros(len(pt), dtype=np.bool_)
-        k = np.flatnonzero(~inside)
-        px, py = x[pt], y[pt]
-        sure, k = self._sides_metric.settle(zn[k], px[k], py[k], k)
+        # The rest need metres: pairs not inside, and inside pairs of zones not certain to hold
+        # their points in their metric bounds. Each point involved is projected once.
+        hit = inside.copy()
+        need = np.flatnonzero(~inside | ~self._safe.take(zn))
+        if len(need):
+            p = pt[need]  # ascending
+            first = np.empty(len(p), dtype=np.bool_)
+            first[0] = True
+            np.not_equal(p[1:], p[:-1], out=first[1:])
+            ux, uy = self.projection.forward(lon[p[first]], lat[p[first]])
+            which = np.cumsum(first) - 1
+            px, py, z = ux.take(which), uy.take(which), zn[need]
+            inbox = (
+                (px >= self._mx0.take(z))
+                & (px <= self._mx1.take(z))
+                & (py >= self._my0.take(z))
+                & (py <= self._my1.take(z))
+            )
+            was_inside = inside[need]
+            hit[need] = was_inside & inbox
+            k = np.flatnonzero(~was_inside & inbox)
+            hit[need[k]] = self._near(z[k], px[k], py[k])
+        keep = np.flatnonzero(hit)
+        return Hits(pt[keep], zn[keep], inside[keep])
+
+    def _near(self, zone: IntArray, x: FloatArray, y: FloatArray) -> BoolArray:
+        """Within the buffer in metres: clearly within it of a side (or inside the metric
+        shape), clearly beyond it from every side (and outside), or else GEOS's test."""
+        near = np.zeros(len(zone), dtype=np.bool_)
+        sure, k = self._sides_metric.settle(zone, x, y, np.arange(len(zone)))
         d2, crossed = sure.d2, sure.crossed
         d = self.buffer_m
         yes = (d2 > _SLACK_M**2) & crossed
@@ -113,10 +224,8 @@ class ZoneIndex:
         near[sure.pair[yes]] = True
         k = np.concatenate([k, sure.pair[~(yes | no)]])
         if len(k):
-            points = shapely.points(px[k], py[k])
-            near[k] = shapely.dwithin(self._metric[zn[k]], points, d)
-        keep = np.flatnonzero(inside | near)
-        return Hits(pt[keep], zn[keep], inside[keep])
+            near[k] = shapely.dwithin(self._metric[zone[k]], shapely.points(x[k], y[k]), d)
+        return near
 
 
 # Far above the rounding of the sums below (~1e-13 degrees, ~1e-11 m across a city), far below
