@@ -167,22 +167,9 @@ class FastPings:
             if not _UNIT_ID.fullmatch(unit_id):
                 return None
             self._units.add(unit_id)
-        ts = self._ts(p.ts)
-        lat, lon, acc = p.lat, p.lon, p.accuracy_m
-        if (
-            ts is None
-            or not -90.0 <= lat <= 90.0
-            or not -180.0 <= lon <= 180.0
-            or (acc is not None and not 0.0 <= acc < _INF)
-            or (p.speed_mps is not None and not 0.0 <= p.speed_mps < _INF)
-            or (p.heading_deg is not None and not 0.0 <= p.heading_deg < 360.0)
-        ):
-            return None
-        return unit_id, ts, lon, lat, acc
-
-    def _ts(self, value: str | int) -> int | None:
-        """`parse_ts`, with the second of the canonical form (as every service writes it)
-        looked up in a dict of its own."""
+        # parse_ts, with the second of the canonical form (as every service writes it) looked
+        # up in a dict of its own.
+        value = p.ts
         if (
             isinstance(value, str)
             and len(value) == 24
@@ -200,11 +187,22 @@ class FastPings:
                 if len(self._seconds) >= 65_536:
                     self._seconds.clear()
                 self._seconds[value[:19]] = second
-            return second + int(value[20:23])
-        try:
-            return parse_ts(value)
-        except ValueError:
+            ts = second + int(value[20:23])
+        else:
+            try:
+                ts = parse_ts(value)
+            except ValueError:
+                return None
+        lat, lon, acc = p.lat, p.lon, p.accuracy_m
+        if (
+            not -90.0 <= lat <= 90.0
+            or not -180.0 <= lon <= 180.0
+            or (acc is not None and not 0.0 <= acc < _INF)
+            or (p.speed_mps is not None and not 0.0 <= p.speed_mps < _INF)
+            or (p.heading_deg is not None and not 0.0 <= p.heading_deg < 360.0)
+        ):
             return None
+        return unit_id, ts, lon, lat, acc
 
 
 def _decode_slowly(lineno: int, line: bytes) -> Iterator[tuple[Fix | None, Rejected | None]]:

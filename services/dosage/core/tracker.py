@@ -181,11 +181,13 @@ class VisitTracker:
                 continue
             stats.usable += 1
             lo, hi = first[i], first[i + 1]
-            here = (
-                {zone_ids[hit_zone[k]]: hit_inside[k] for k in range(lo, hi)}
-                if lo != hi
-                else nowhere
-            )
+            if lo == hi:
+                if not unit.open:  # nowhere near a zone, and no visit to judge
+                    unit.last_usable = t
+                    continue
+                here = nowhere
+            else:
+                here = {zone_ids[hit_zone[k]]: hit_inside[k] for k in range(lo, hi)}
             self._usable(unit_id, unit, t, prev, here, out)
         return out
 
