@@ -33,6 +33,7 @@ def main() -> None:
         index = ZoneIndex(zones, params)
         build_s = time.perf_counter() - t0
         lon, lat = points(zones, args.points)
+        index.classify(lon[: args.batch], lat[: args.batch])  # warm-up: first PROJ call
 
         t0 = time.perf_counter()
         inside = 0

@@ -50,13 +50,14 @@ class ZoneIndex:
         self.rules_by_id: dict[str, ZoneRules] = dict(zip(ids, self.rules, strict=True))
         # A fingerprint of each zone's shape as drawn: saved state names the shape its open
         # visits were judged against, so a restart notices a zone reshaped meanwhile.
+        lonlat = [z.geometry for z in zones]
+        self._lonlat = np.asarray(lonlat, dtype=object)
         self.shape_ids: dict[str, str] = {
-            z.zone_id: hashlib.sha1(shapely.to_wkb(z.geometry)).hexdigest()[:16] for z in zones
+            zid: hashlib.sha1(wkb).hexdigest()[:16]
+            for zid, wkb in zip(ids, shapely.to_wkb(self._lonlat).tolist(), strict=True)
         }
         self.buffer_m = params.exit_buffer_m
-        lonlat = [z.geometry for z in zones]
         self.projection = LocalProjection.centred_on(lonlat)
-        self._lonlat = np.asarray(lonlat, dtype=object)
         self._metric = self.projection.geometries(self._lonlat)
         shapely.prepare(self._lonlat)
         shapely.prepare(self._metric)
@@ -91,27 +92,28 @@ class ZoneIndex:
         n = len(self.zones)
         lon0, lat0, lon1, lat1 = self._lon0, self._lat0, self._lon1, self._lat1
         fwd = self.projection.forward
-        # d(x, y)/d(lon, lat) at each zone's centre, in metres per degree.
-        clon, clat = (lon0 + lon1) / 2.0, (lat0 + lat1) / 2.0
-        h = 1e-5
-        x, y = fwd(np.concatenate([clon, clon + h, clon]), np.concatenate([clat, clat, clat + h]))
-        cx, cy = x[:n], y[:n]
-        a, b = (x[n : 2 * n] - cx) / h, (x[2 * n :] - cx) / h
-        c, d = (y[n : 2 * n] - cy) / h, (y[2 * n :] - cy) / h
+        # The corners of each zone's lon/lat bounds, projected: (lon0, lat0), (lon1, lat0),
+        # (lon1, lat1), (lon0, lat1).
+        px, py = fwd(
+            np.column_stack([lon0, lon1, lon1, lon0]).ravel(),
+            np.column_stack([lat0, lat0, lat1, lat1]).ravel(),
+        )
+        px, py = px.reshape(n, 4), py.reshape(n, 4)
+        # A linear model of the projection through three of them: metres per degree...
         with np.errstate(divide="ignore", invalid="ignore"):
+            a, b = (px[:, 1] - px[:, 0]) / (lon1 - lon0), (px[:, 3] - px[:, 0]) / (lat1 - lat0)
+            c, d = (py[:, 1] - py[:, 0]) / (lon1 - lon0), (py[:, 3] - py[:, 0]) / (lat1 - lat0)
             det = a * d - b * c
             ia, ib, ic, id_ = d / det, -b / det, -c / det, a / det
-        # Eight points around each metric bounds box, taken back to lon/lat by the model...
-        tx = np.column_stack([self._mx0, self._mx1, self._mx1, self._mx0] * 2)
-        ty = np.column_stack([self._my0, self._my0, self._my1, self._my1] * 2)
-        tx[:, 4:] = (tx[:, 4:] + np.roll(tx[:, :4], -1, axis=1)) / 2.0  # side midpoints
-        ty[:, 4:] = (ty[:, 4:] + np.roll(ty[:, :4], -1, axis=1)) / 2.0
-        dx, dy = tx - cx[:, None], ty - cy[:, None]
-        qlon = clon[:, None] + ia[:, None] * dx + ib[:, None] * dy
-        qlat = clat[:, None] + ic[:, None] * dx + id_[:, None] * dy
+        # ... takes the corners of each metric bounds box back to lon/lat...
+        tx = np.column_stack([self._mx0, self._mx1, self._mx1, self._mx0])
+        ty = np.column_stack([self._my0, self._my0, self._my1, self._my1])
+        dx, dy = tx - px[:, :1], ty - py[:, :1]
+        qlon = lon0[:, None] + ia[:, None] * dx + ib[:, None] * dy
+        qlat = lat0[:, None] + ic[:, None] * dx + id_[:, None] * dy
         # ... and forward again: how far the model misses, in metres, bounds its error.
         fx, fy = fwd(qlon.ravel(), qlat.ravel())
-        miss = np.hypot(fx.reshape(n, 8) - tx, fy.reshape(n, 8) - ty).max(axis=1)
+        miss = np.hypot(fx.reshape(n, 4) - tx, fy.reshape(n, 4) - ty).max(axis=1)
         norm = np.sqrt(ia * ia + ib * ib + ic * ic + id_ * id_)  # degrees per metre, at most
         qlon0, qlon1 = qlon.min(axis=1), qlon.max(axis=1)
         qlat0, qlat1 = qlat.min(axis=1), qlat.max(axis=1)
@@ -126,7 +128,7 @@ class ZoneIndex:
             sound = (
                 np.isfinite(slack)
                 & (miss < 100.0)
-                & (np.hypot(cx, cy) < 1_000_000.0)
+                & (np.hypot(px[:, 0], py[:, 0]) < 1_000_000.0)
                 & (box[0] > -180.0)
                 & (box[2] < 180.0)
                 & (box[1] > -80.0)
@@ -139,12 +141,8 @@ class ZoneIndex:
             np.where(sound, box[2], everywhere),
             np.where(sound, box[3], everywhere),
         )
-        # Certain: the zone's lon/lat bounds, projected (eight points, with room for the
-        # bending of its sides between them), lie inside the metric bounds.
-        sx = np.column_stack([lon0, lon1, lon1, lon0, clon, lon1, clon, lon0])
-        sy = np.column_stack([lat0, lat0, lat1, lat1, lat0, clat, lat1, clat])
-        px, py = fwd(sx.ravel(), sy.ravel())
-        px, py = px.reshape(n, 8), py.reshape(n, 8)
+        # Certain: the zone's lon/lat bounds, projected (the corners, with room for the bending
+        # of its sides between them), lie inside the metric bounds.
         px0, px1, py0, py1 = px.min(axis=1), px.max(axis=1), py.min(axis=1), py.max(axis=1)
         span = np.maximum(px1 - px0, py1 - py0)
         bend = 4.0 * span * span / 6_371_000.0 + 1e-3
@@ -248,18 +246,41 @@ class _Sides:
 
     def __init__(self, geoms: npt.NDArray[np.object_]) -> None:
         n = len(geoms)
-        parts, part_zone = shapely.get_parts(geoms, return_index=True)
-        rings, ring_part = shapely.get_rings(parts, return_index=True)
-        xy, coord_ring = shapely.get_coordinates(rings, return_index=True)
-        same = coord_ring[:-1] == coord_ring[1:]
-        zone = part_zone[ring_part[coord_ring[:-1][same]]]
-        order = np.argsort(zone, kind="stable")
-        a, b = xy[:-1][same][order], xy[1:][same][order]
-        zone = zone[order]
-        self.start = np.searchsorted(zone, np.arange(n)).astype(np.intp)
-        count = np.bincount(zone, minlength=n).astype(np.intp)
-        self.usable = (count > 0) & (count <= self.MAX_SIDES)
-        self.count = count
+        # One ring (a polygon without holes, the usual zone): its coordinates as they come.
+        simple = np.flatnonzero(
+            (shapely.get_type_id(geoms) == shapely.GeometryType.POLYGON)
+            & (shapely.get_num_interior_rings(geoms) == 0)
+        )
+        xy, ring = shapely.get_coordinates(geoms[simple], return_index=True)
+        parts = [(xy, ring, simple)]
+        # Holes or several parts: rings from ragged offsets (coordinates of each ring, rings of
+        # each polygon, polygons of each zone).
+        other = np.setdiff1d(np.arange(n), simple)
+        if len(other):
+            try:
+                kind, xy, offsets = shapely.to_ragged_array(geoms[other])
+            except ValueError:  # not all (multi)polygons: GEOS judges every pair
+                kind = None
+            if kind in (shapely.GeometryType.POLYGON, shapely.GeometryType.MULTIPOLYGON):
+                *nested, by_zone = offsets
+                ring_zone = np.repeat(other, np.diff(by_zone))
+                for level in reversed(nested[1:]):
+                    ring_zone = np.repeat(ring_zone, np.diff(level))
+                ring = np.repeat(np.arange(len(nested[0]) - 1), np.diff(nested[0]))
+                parts.append((xy[:, :2], ring, ring_zone))
+        # Sides: consecutive coordinates of one ring. Each zone's sides come together.
+        a_parts, b_parts, zone_parts = [], [], []
+        for xy, ring, ring_zone in parts:
+            same = ring[:-1] == ring[1:]
+            a_parts.append(xy[:-1][same])
+            b_parts.append(xy[1:][same])
+            zone_parts.append(ring_zone[ring[:-1][same]])
+        a, b, zone = np.concatenate(a_parts), np.concatenate(b_parts), np.concatenate(zone_parts)
+        self.count = np.bincount(zone, minlength=n).astype(np.intp)
+        self.start = np.zeros(n, dtype=np.intp)
+        firsts = np.flatnonzero(np.r_[True, zone[1:] != zone[:-1]]) if len(zone) else zone
+        self.start[zone[firsts]] = firsts
+        self.usable = (self.count > 0) & (self.count <= self.MAX_SIDES)
         dx, dy = b[:, 0] - a[:, 0], b[:, 1] - a[:, 1]
         len2 = dx * dx + dy * dy
         with np.errstate(divide="ignore"):
