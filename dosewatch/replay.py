@@ -277,8 +277,9 @@ def run_replay(
                 if e.kind is VisitEventKind.ENDED:
                     ended.append(e)
                 # The board follows the stream clock, as the live dosage service follows its
-                # partition clock, so time-driven changes come out when they happen.
-                for change in board.advance(e.clock) + board.apply(e):
+                # partition clock, so time-driven changes come out when they happen: apply moves
+                # it to the event's clock (never behind its time) first.
+                for change in board.apply(e):
                     _write(events_out, status_cloudevent(change, settings.source))
                     summary.events += 1
 

@@ -149,46 +149,53 @@ class VisitTracker:
         hit_inside = hits.inside.tolist()
         zone_ids = self.index.zone_ids
         nowhere: dict[str, bool] = {}
-        stats = self.stats
         units = self.units
         mark_dirty = self.dirty.add
         watch = self._watch
         max_gap, max_accuracy = self._max_gap, self._max_accuracy
-        for i in range(n):
-            unit_id, t, acc = unit_ids[i], ts[i], accuracy_m[i]
-            stats.valid += 1
-            clock = self.clock
-            if clock is None or t > clock:
-                self.clock = t
-                if watch and watch[0][0] < t - max_gap:
-                    self._watchdog(out, t)
-            unit = units.get(unit_id)
-            if unit is None:
-                unit = units[unit_id] = UnitState()
-            mark_dirty(unit_id)
-            if unit.seen_ts is None or t >= unit.seen_ts:
-                unit.seen_ts, unit.seen_lon, unit.seen_lat = t, lon[i], lat[i]
-                unit.seen_accuracy_m = acc
-            if acc is not None and acc > max_accuracy:
-                stats.low_accuracy += 1
-                continue
-            prev = unit.last_usable
-            if prev is not None and t <= prev:
-                if t == prev:
-                    stats.duplicate += 1
-                else:
-                    stats.late += 1
-                continue
-            stats.usable += 1
-            lo, hi = first[i], first[i + 1]
-            if lo == hi:
-                if not unit.open:  # nowhere near a zone, and no visit to judge
-                    unit.last_usable = t
+        usable = low_accuracy = duplicate = late = i = 0  # counted here, added up at the end
+        try:
+            for i in range(n):
+                unit_id, t, acc = unit_ids[i], ts[i], accuracy_m[i]
+                clock = self.clock
+                if clock is None or t > clock:
+                    self.clock = t
+                    if watch and watch[0][0] < t - max_gap:
+                        self._watchdog(out, t)
+                unit = units.get(unit_id)
+                if unit is None:
+                    unit = units[unit_id] = UnitState()
+                mark_dirty(unit_id)
+                if unit.seen_ts is None or t >= unit.seen_ts:
+                    unit.seen_ts, unit.seen_lon, unit.seen_lat = t, lon[i], lat[i]
+                    unit.seen_accuracy_m = acc
+                if acc is not None and acc > max_accuracy:
+                    low_accuracy += 1
                     continue
-                here = nowhere
-            else:
-                here = {zone_ids[hit_zone[k]]: hit_inside[k] for k in range(lo, hi)}
-            self._usable(unit_id, unit, t, prev, here, out)
+                prev = unit.last_usable
+                if prev is not None and t <= prev:
+                    if t == prev:
+                        duplicate += 1
+                    else:
+                        late += 1
+                    continue
+                usable += 1
+                lo, hi = first[i], first[i + 1]
+                if lo == hi:
+                    if not unit.open:  # nowhere near a zone, and no visit to judge
+                        unit.last_usable = t
+                        continue
+                    here = nowhere
+                else:
+                    here = {zone_ids[hit_zone[k]]: hit_inside[k] for k in range(lo, hi)}
+                self._usable(unit_id, unit, t, prev, here, out)
+        finally:
+            stats = self.stats
+            stats.valid += i + 1  # pings taken, the one that raised included
+            stats.usable += usable
+            stats.low_accuracy += low_accuracy
+            stats.duplicate += duplicate
+            stats.late += late
         return out
 
     def advance(self, clock: int) -> list[VisitEvent]:
