@@ -7,7 +7,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Annotated, Any
 
 import msgspec
 import orjson
@@ -125,59 +125,155 @@ def decode_lines(
             yield from _decode_slowly(lineno, line)
 
 
+_Lat = Annotated[float, msgspec.Meta(ge=-90.0, le=90.0)]
+_Lon = Annotated[float, msgspec.Meta(ge=-180.0, le=180.0)]
+_NonNegative = Annotated[float, msgspec.Meta(ge=0.0)]
+_Heading = Annotated[float, msgspec.Meta(ge=0.0, lt=360.0)]
+
+
 class _WirePing(msgspec.Struct, forbid_unknown_fields=True, gc=False):
-    """The ping contract's fields with their JSON types; `FastPings` checks the rest."""
+    """The ping contract as msgspec checks it: types and ranges (JSON has no infinity or NaN,
+    and msgspec refuses numbers past a float's range). `FastPings` checks the unit id and the
+    time."""
 
     unit_id: str
     ts: str | int
-    lat: float
-    lon: float
-    accuracy_m: float | None = None
-    speed_mps: float | None = None
-    heading_deg: float | None = None
+    lat: _Lat
+    lon: _Lon
+    accuracy_m: _NonNegative | None = None
+    speed_mps: _NonNegative | None = None
+    heading_deg: _Heading | None = None
     source: str | None = None
 
 
 _UNIT_ID = re.compile(UNIT_ID_PATTERN.removeprefix("^").removesuffix("$"))
-_INF = float("inf")
+_DECODE_ERRORS = (msgspec.DecodeError, ValueError, RecursionError)  # ValueError: bad UTF-8
+# The end of a canonical time, ".123Z", and its milliseconds (ASCII digits only).
+_MILLIS = {f".{ms:03d}Z": ms for ms in range(1000)}
 PingFields = tuple[str, int, float, float, float | None]  # unit_id, ts, lon, lat, accuracy_m
 
 
-class FastPings:
-    """Reads a line holding one well-formed ping several times faster than orjson + pydantic:
-    msgspec decodes it to typed fields, then the contract's checks run in plain Python.
+@dataclass(slots=True)
+class PingColumns:
+    """Pings read from a run of lines, a list per field, and the lines (positions in the run)
+    that were not read: they go the model's way."""
 
-    Returns the fields the `Ping` model would hold, or None for anything else (bad JSON, an
-    array, a value out of range, an unknown field...): such a line goes the model's way, so its
-    errors read as they always have.
+    unit_id: list[str]
+    ts: list[int]
+    lon: list[float]
+    lat: list[float]
+    accuracy_m: list[float | None]
+    unread: list[int]
+
+
+class FastPings:
+    """Reads lines holding one well-formed ping each several times faster than orjson +
+    pydantic: msgspec decodes them and checks types and ranges, then the unit id and the time
+    are checked in plain Python.
+
+    What it does not read (bad JSON, an array, a value out of range, an unknown field...) goes
+    the model's way, so its errors read as they always have.
     """
 
     def __init__(self) -> None:
-        self._decode = msgspec.json.Decoder(_WirePing).decode
+        self._one = msgspec.json.Decoder(_WirePing).decode
+        self._many = msgspec.json.Decoder(list[_WirePing]).decode
         self._units: set[str] = set()
         self._seconds: dict[str, int] = {}
 
     def read(self, line: bytes) -> PingFields | None:
+        """The fields the `Ping` model would hold for this line, or None."""
         try:
-            p = self._decode(line)
-        except (msgspec.DecodeError, ValueError, RecursionError):  # ValueError: bad UTF-8
+            p = self._one(line)
+        except _DECODE_ERRORS:
             return None
-        unit_id = p.unit_id
-        if unit_id not in self._units:
-            if not _UNIT_ID.fullmatch(unit_id):
-                return None
-            self._units.add(unit_id)
-        # parse_ts, with the second of the canonical form (as every service writes it) looked
-        # up in a dict of its own.
-        value = p.ts
+        if p.unit_id not in self._units and not self._new_unit(p.unit_id):
+            return None
+        ts = self._ts(p.ts)
+        if ts is None:
+            return None
+        return p.unit_id, ts, p.lon, p.lat, p.accuracy_m
+
+    def read_lines(self, lines: list[bytes]) -> PingColumns:
+        """`read` for a run of lines, as columns."""
+        # One call for the run: a JSON array of the lines, if that array's elements are the
+        # lines. They are when every line starts with "{" and ends with "}" (and its newline)
+        # and there are as many elements as lines: a value cannot run past the end of a line
+        # inside a string (a raw newline is not allowed there), accepted pings hold no nested
+        # objects, so a line's last "}" closes the object its first "{" opened.
+        joined = b",".join(lines)
         if (
-            isinstance(value, str)
-            and len(value) == 24
-            and value[19] == "."
-            and value[23] == "Z"
-            and value[20:23].isascii()
-            and value[20:23].isdigit()
+            not lines
+            or not lines[0].startswith(b"{")
+            or not lines[-1].rstrip(b"\r\n").endswith(b"}")
+            or joined.count(b"}\n,{") + joined.count(b"}\r\n,{") != len(lines) - 1
         ):
+            return self._line_by_line(lines)
+        try:
+            pings = self._many(b"[" + joined + b"]")
+        except _DECODE_ERRORS:
+            return self._line_by_line(lines)
+        if len(pings) != len(lines):
+            return self._line_by_line(lines)
+        units = [p.unit_id for p in pings]
+        if not self._units.issuperset(units):
+            for unit_id in set(units) - self._units:
+                if not self._new_unit(unit_id):
+                    return self._line_by_line(lines)
+        seconds = self._seconds
+        ts: list[int] = []
+        unread: list[int] = []
+        for k, p in enumerate(pings):
+            value = p.ts
+            # The canonical form (as every service writes it), its second seen before: the
+            # common case, in a few dict lookups. Anything else: `_ts`.
+            if type(value) is str and len(value) == 24:
+                millis = _MILLIS.get(value[19:])
+                if millis is not None:
+                    second = seconds.get(value[:19])
+                    if second is not None:
+                        ts.append(second + millis)
+                        continue
+            t = self._ts(value)
+            if t is None:
+                unread.append(k)
+            else:
+                ts.append(t)
+        if unread:
+            return self._line_by_line(lines)
+        return PingColumns(
+            units,
+            ts,
+            [p.lon for p in pings],
+            [p.lat for p in pings],
+            [p.accuracy_m for p in pings],
+            unread,
+        )
+
+    def _line_by_line(self, lines: list[bytes]) -> PingColumns:
+        out = PingColumns([], [], [], [], [], [])
+        for k, line in enumerate(lines):
+            ping = self.read(line)
+            if ping is None:
+                out.unread.append(k)
+                continue
+            out.unit_id.append(ping[0])
+            out.ts.append(ping[1])
+            out.lon.append(ping[2])
+            out.lat.append(ping[3])
+            out.accuracy_m.append(ping[4])
+        return out
+
+    def _new_unit(self, unit_id: str) -> bool:
+        if not _UNIT_ID.fullmatch(unit_id):
+            return False
+        self._units.add(unit_id)
+        return True
+
+    def _ts(self, value: str | int) -> int | None:
+        """`parse_ts`, with the second of the canonical form looked up in a dict of its own."""
+        millis = _MILLIS.get(value[19:]) if isinstance(value, str) and len(value) == 24 else None
+        if isinstance(value, str) and millis is not None:
             second = self._seconds.get(value[:19])
             if second is None:
                 try:
@@ -187,22 +283,11 @@ class FastPings:
                 if len(self._seconds) >= 65_536:
                     self._seconds.clear()
                 self._seconds[value[:19]] = second
-            ts = second + int(value[20:23])
-        else:
-            try:
-                ts = parse_ts(value)
-            except ValueError:
-                return None
-        lat, lon, acc = p.lat, p.lon, p.accuracy_m
-        if (
-            not -90.0 <= lat <= 90.0
-            or not -180.0 <= lon <= 180.0
-            or (acc is not None and not 0.0 <= acc < _INF)
-            or (p.speed_mps is not None and not 0.0 <= p.speed_mps < _INF)
-            or (p.heading_deg is not None and not 0.0 <= p.heading_deg < 360.0)
-        ):
+            return second + millis
+        try:
+            return parse_ts(value)
+        except ValueError:
             return None
-        return unit_id, ts, lon, lat, acc
 
 
 def _decode_slowly(lineno: int, line: bytes) -> Iterator[tuple[Fix | None, Rejected | None]]:
@@ -283,52 +368,58 @@ def run_replay(
                     _write(events_out, status_cloudevent(change, settings.source))
                     summary.events += 1
 
-        # The batch as columns (unit_id, ts, lon, lat, accuracy_m): no Fix per ping.
-        units: list[str] = []
-        times: list[int] = []
-        lons: list[float] = []
-        lats: list[float] = []
-        accuracies: list[float | None] = []
-        columns = (units, times, lons, lats, accuracies)
-
-        def flush() -> None:
-            emit(tracker.process_columns(*columns))
-            for column in columns:
-                column.clear()
-
+        # Pings waiting for a full batch, as columns (unit_id, ts, lon, lat, accuracy_m).
+        columns = PingColumns([], [], [], [], [], [])
+        units, times, lons, lats = columns.unit_id, columns.ts, columns.lon, columns.lat
+        accuracies = columns.accuracy_m
         size = settings.batch_size
-        read = FastPings().read
+
+        def flush(everything: bool = False) -> None:
+            """Batches of batch_size pings, as they filled up in order; the rest at the end."""
+            while len(units) >= size or (everything and units):
+                emit(
+                    tracker.process_columns(
+                        units[:size], times[:size], lons[:size], lats[:size], accuracies[:size]
+                    )
+                )
+                for column in (units, times, lons, lats, accuracies):
+                    del column[:size]
+
+        def add(read: PingColumns, start: int, stop: int) -> None:
+            units.extend(read.unit_id[start:stop])
+            times.extend(read.ts[start:stop])
+            lons.extend(read.lon[start:stop])
+            lats.extend(read.lat[start:stop])
+            accuracies.extend(read.accuracy_m[start:stop])
+
+        fast = FastPings()
         lineno = 0
         try:
-            for line in source:
-                lineno += 1
-                ping = read(line)
-                if ping is None:
-                    for fix, rejected in _decode_slowly(lineno, line):
+            while lines := source.readlines(1 << 22):
+                read = fast.read_lines(lines)
+                done = 0  # pings of `read` added so far
+                for j, k in enumerate(read.unread):
+                    # The pings read from the lines before line k (all but j of them), then
+                    # whatever the model makes of line k.
+                    add(read, done, k - j)
+                    done = k - j
+                    for fix, rejected in _decode_slowly(lineno + k + 1, lines[k]):
                         if fix is not None:
                             units.append(fix.unit_id)
                             times.append(fix.ts)
                             lons.append(fix.lon)
                             lats.append(fix.lat)
                             accuracies.append(fix.accuracy_m)
-                            if len(units) >= size:
-                                flush()
                         elif rejected is not None:
                             _write(rejected_out, rejected.row())
                             summary.rejected += 1
-                    continue
-                unit_id, ts, lon, lat, accuracy = ping
-                units.append(unit_id)
-                times.append(ts)
-                lons.append(lon)
-                lats.append(lat)
-                accuracies.append(accuracy)
-                if len(units) >= size:
-                    flush()
+                add(read, done, len(read.unit_id))
+                lineno += len(lines)
+                flush()
         except OSError as exc:
             raise ReplayError(f"cannot read {pings_path}: {exc.strerror or exc}") from None
         summary.lines = lineno
-        flush()
+        flush(everything=True)
         emit(tracker.finish())
 
     ended.sort(key=lambda e: (e.started_at, e.unit_id, e.zone_id))

@@ -178,3 +178,60 @@ def test_random_pings_against_the_model(change: dict[str, Any], whole: bool) -> 
     if any(isinstance(v, float) and not math.isfinite(v) for v in ping.values()):
         return
     same(dumps(ping))
+
+
+def by_line(lines: list[bytes]) -> tuple[list[Any], list[int]]:
+    fast = FastPings()
+    read = [fast.read(line) for line in lines]
+    return [p for p in read if p is not None], [k for k, p in enumerate(read) if p is None]
+
+
+def test_read_lines_reads_each_line_as_read_does() -> None:
+    good = [
+        dumps(GOOD | {"ts": 1778781600000 + k, "lat": 40.0 + k / 1e4}) + b"\n" for k in range(9)
+    ]
+    body = dumps(GOOD)[1:-1]
+    runs = {
+        "all good": good,
+        "last line without newline": [*good[:-1], good[-1].rstrip(b"\n")],
+        "windows newlines": [g.replace(b"\n", b"\r\n") for g in good],
+        "a blank line": [*good[:3], b"\n", *good[3:]],
+        "leading blanks": [*good[:3], b"  " + good[3], *good[4:]],
+        # A ping cut over two lines, and a line holding two pings: as many values as lines
+        "split and doubled": [
+            *good[:2],
+            b"{" + body.split(b',"lat"')[0] + b"\n",
+            b'"lat":40.7,"lon":-74.0}\n',
+            good[3].rstrip(b"\n") + b"," + good[4],
+            *good[5:],
+        ],
+        "two pings apart on one line": [*good[:2], good[2].rstrip(b"\n") + b"\r" + good[3]],
+        "an array line": [*good[:2], b"[" + good[2].rstrip(b"\n") + b"]\n", *good[3:]],
+        "a bad time": [*good[:4], dumps(GOOD | {"ts": "2026-02-30T18:00:00.000Z"}) + b"\n"],
+        "a bad unit": [*good[:4], dumps(GOOD | {"unit_id": "no spaces"}) + b"\n", *good[4:]],
+        "out of range": [*good[:4], dumps(GOOD | {"lat": 90.5}) + b"\n", *good[4:]],
+        "odd but fine times": [
+            *good[:2],
+            dumps(GOOD | {"ts": "2026-05-14T18:00:05+02:00"}) + b"\n",
+            dumps(GOOD | {"ts": "2026-05-14T18:00:05.٣٣٣Z"}) + b"\n",
+            *good[2:],
+        ],
+        "one line": good[:1],
+    }
+    for name, lines in runs.items():
+        read = FastPings().read_lines(lines)
+        pings, unread = by_line(lines)
+        got = list(zip(read.unit_id, read.ts, read.lon, read.lat, read.accuracy_m, strict=True))
+        assert (got, read.unread) == (pings, unread), name
+    assert FastPings().read_lines(runs["all good"]).unread == []
+    assert FastPings().read_lines(runs["split and doubled"]).unread == [2, 3, 4]
+
+
+def test_sample_read_in_runs() -> None:
+    lines = SAMPLE.read_bytes().splitlines(keepends=True)
+    fast = FastPings()
+    columns = [fast.read_lines(lines[k : k + 1000]) for k in range(0, len(lines), 1000)]
+    got = [
+        p for c in columns for p in zip(c.unit_id, c.ts, c.lon, c.lat, c.accuracy_m, strict=True)
+    ]
+    assert got == by_line(lines)[0]
