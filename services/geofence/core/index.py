@@ -1,10 +1,22 @@
 """The zone index: which zones a batch of points is inside of or near.
 
-A grid over each zone's metric bounds, grown by the exit buffer, finds the candidates for a
-whole batch at once; exact tests then run vectorised on prepared geometry: inside on the zone as
-drawn in lon/lat (so a point on its boundary counts as inside), near as a distance in metres on
-a local projection. Cheap bounds and convex-hull checks that can only say "no" spare the exact
-tests the pairs they would refuse anyway, so the answer is the exact tests' alone.
+Inside is judged on the zone as drawn in lon/lat (a point on its boundary counts as inside,
+as GEOS's `intersects_xy` says); near is a distance in metres on a local projection (GEOS's
+`dwithin`), for pairs whose point lies in the zone's metric bounds grown by the buffer.
+
+How a batch goes, without a geometry or a projection per point:
+
+- a grid of lon/lat boxes (each holding every point whose projection can be in a zone's grown
+  bounds) gives the candidate pairs for the whole batch;
+- inside: outside the zone's bounds a point is not in it; otherwise the sides crossed by a ray
+  east of it decide, in numpy, unless it lies within a hair of a side, when GEOS decides;
+- only points that need metres are projected: those not inside a zone, and those inside one
+  not certain to hold its points in its grown bounds (a huge or far-flung zone);
+- near: the distance to the nearest side decides in numpy unless it is within a millimetre of
+  the buffer's edge, when GEOS decides.
+
+Each shortcut only skips a GEOS call whose answer it knows, so the hits are GEOS's own, pair
+for pair (tests/test_index_exact.py holds them to a plain R-tree and GEOS on every pair).
 """
 
 from __future__ import annotations
