@@ -26,6 +26,7 @@ from services.ingest.service import IngestService, IngestSettings
 from tests.pipeline_helpers import TZ, prepare_database
 
 MDT_UNIT = "u-mdt-1"
+INSIDE_Z000 = (-73.99308646946923, 40.71047563789939)  # a point in the sample's zone Z000
 
 
 @dataclass
@@ -99,6 +100,17 @@ async def api_stack(
             with contextlib.suppress(Exception):
                 await s.stop()
         await pool.close()
+
+
+async def occupy(st: Stack, http: httpx.AsyncClient, unit: str = "car-1") -> None:
+    """A unit's ping inside Z000, then wait until the API shows Z000 active."""
+    await st.send_pings([ping(unit, *INSIDE_Z000)])
+
+    async def active() -> bool:
+        r = await http.get("/v1/zones/Z000/status", headers=st.headers("dispatcher"))
+        return r.status_code == 200 and r.json()["status"] == "active"
+
+    await wait_until(active)
 
 
 async def wait_until(probe: Any, timeout_s: float = 30.0, every_s: float = 0.1) -> Any:

@@ -11,9 +11,8 @@ import httpx
 
 from services.api.service import ApiService
 from services.api.settings import ApiSettings
-from tests.api_helpers import api_stack, ping, wait_until
+from tests.api_helpers import api_stack, occupy, ping
 
-INSIDE_Z000 = (-73.99308646946923, 40.71047563789939)
 OUTSIDE = (-73.90, 40.80)
 
 
@@ -22,13 +21,7 @@ async def _scenario(kafka_bootstrap: str, database_url: str, topic_prefix: str) 
         api_stack(kafka_bootstrap, database_url, topic_prefix) as st,
         httpx.AsyncClient(base_url=st.base, timeout=10) as http,
     ):
-        await st.send_pings([ping("car-1", *INSIDE_Z000)])
-
-        async def active() -> bool:
-            r = await http.get("/v1/zones/Z000/status", headers=st.headers("dispatcher"))
-            return r.status_code == 200 and r.json()["status"] == "active"
-
-        await wait_until(active)
+        await occupy(st, http)
 
         async def traffic() -> None:
             n = 0

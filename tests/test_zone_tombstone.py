@@ -8,9 +8,7 @@ import asyncio
 import httpx
 from aiokafka import AIOKafkaConsumer
 
-from tests.api_helpers import api_stack, ping, wait_until
-
-INSIDE_Z000 = (-73.99308646946923, 40.71047563789939)
+from tests.api_helpers import api_stack, occupy, wait_until
 
 
 async def _scenario(kafka_bootstrap: str, database_url: str, topic_prefix: str) -> None:
@@ -18,13 +16,7 @@ async def _scenario(kafka_bootstrap: str, database_url: str, topic_prefix: str) 
         api_stack(kafka_bootstrap, database_url, topic_prefix) as st,
         httpx.AsyncClient(base_url=st.base, timeout=10) as http,
     ):
-        await st.send_pings([ping("car-1", *INSIDE_Z000)])
-
-        async def active() -> bool:
-            r = await http.get("/v1/zones/Z000/status", headers=st.headers("dispatcher"))
-            return r.status_code == 200 and r.json()["status"] == "active"
-
-        await wait_until(active)
+        await occupy(st, http)
         r = await http.delete("/v1/zones/Z000", headers=st.headers("admin"))
         assert r.status_code in (200, 204), r.text
 
