@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import time
 from dataclasses import dataclass, field
 from typing import Annotated, Any
 
 import asyncpg
-from fastapi import Depends, HTTPException, Request
+from fastapi import Depends, HTTPException, Request, Response
 
 from services.api.auth import Authenticator, AuthError, Principal, require, token_of
 from services.api.core.statusbook import StatusBook
@@ -63,6 +64,15 @@ class ApiContext:
             self.buckets.clear()
         self.buckets[who] = (tokens - 1.0, now)
         return True
+
+
+def cached_json(body: bytes, if_none_match: str | None) -> Response:
+    """JSON with a content ETag; 304 with no body when the client already holds it."""
+    etag = '"' + hashlib.sha256(body).hexdigest()[:20] + '"'
+    headers = {"ETag": etag, "Cache-Control": "private, no-cache"}
+    if if_none_match is not None and etag in (t.strip() for t in if_none_match.split(",")):
+        return Response(status_code=304, headers=headers)
+    return Response(body, media_type="application/json", headers=headers)
 
 
 def get_ctx(request: Request) -> ApiContext:

@@ -3,24 +3,15 @@ last fix. Served from memory, with ETags, so a console reloading them costs a 30
 
 from __future__ import annotations
 
-import hashlib
 from typing import Annotated, Any
 
 import orjson
 from fastapi import APIRouter, Header, Response
 
 from services.api.auth import require
-from services.api.context import ApiContext, Caller, Ctx
+from services.api.context import ApiContext, Caller, Ctx, cached_json
 
 router = APIRouter(prefix="/v1/map", tags=["map"])
-
-
-def _cached(body: bytes, if_none_match: str | None) -> Response:
-    etag = '"' + hashlib.sha256(body).hexdigest()[:20] + '"'
-    headers = {"ETag": etag, "Cache-Control": "private, no-cache"}
-    if if_none_match is not None and etag in (t.strip() for t in if_none_match.split(",")):
-        return Response(status_code=304, headers=headers)
-    return Response(body, media_type="application/json", headers=headers)
 
 
 def zones_collection(ctx: ApiContext) -> dict[str, Any]:
@@ -43,7 +34,7 @@ async def map_zones(
     ctx: Ctx, caller: Caller, if_none_match: Annotated[str | None, Header()] = None
 ) -> Response:
     require(caller, "dispatcher", "auditor")
-    return _cached(orjson.dumps(zones_collection(ctx)), if_none_match)
+    return cached_json(orjson.dumps(zones_collection(ctx)), if_none_match)
 
 
 @router.get(
@@ -60,4 +51,4 @@ async def map_units(
          "zones": sorted(ctx.book.unit_zones.get(unit, {}))}
         for unit, fix in sorted(ctx.fixes.items())
     ]  # fmt: skip
-    return _cached(orjson.dumps({"units": units}), if_none_match)
+    return cached_json(orjson.dumps({"units": units}), if_none_match)

@@ -5,7 +5,6 @@ The answer changes only when the unit's state does: times are given as of the zo
 
 from __future__ import annotations
 
-import hashlib
 from typing import Annotated, Any
 
 import orjson
@@ -13,7 +12,7 @@ from fastapi import APIRouter, Header, HTTPException, Response
 
 from schemas.timefmt import parse_ts
 from schemas.zone import ZoneFeature
-from services.api.context import ApiContext, Caller, Ctx, allow_poll
+from services.api.context import ApiContext, Caller, Ctx, allow_poll, cached_json
 from services.api.core.nearby import Places, ZonePlace
 
 router = APIRouter(prefix="/v1", tags=["units"])
@@ -82,9 +81,4 @@ async def unit_status(
         raise HTTPException(403, "an MDT key may only ask about its own unit")
     if unit_id not in ctx.fixes and unit_id not in ctx.book.unit_zones:
         raise HTTPException(404, f"no recent fix or presence for unit {unit_id!r}")
-    body = orjson.dumps(unit_view(ctx, unit_id))
-    etag = '"' + hashlib.sha256(body).hexdigest()[:20] + '"'
-    headers = {"ETag": etag, "Cache-Control": "private, no-cache"}
-    if if_none_match is not None and etag in (t.strip() for t in if_none_match.split(",")):
-        return Response(status_code=304, headers=headers)
-    return Response(body, media_type="application/json", headers=headers)
+    return cached_json(orjson.dumps(unit_view(ctx, unit_id)), if_none_match)
