@@ -12,7 +12,8 @@ import orjson
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dosewatch.replay import FastPings, decode_lines
+from dosewatch.replay import decode_lines
+from schemas.fastping import FastPings
 from schemas.ping import Ping, validate_ping
 
 SAMPLE = Path(__file__).parent / "data" / "evening-shift" / "pings.jsonl"
