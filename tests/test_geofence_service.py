@@ -6,10 +6,17 @@ import asyncio
 from pathlib import Path
 from typing import Any
 
+import orjson
+from aiokafka import AIOKafkaProducer
+
+from schemas.timefmt import format_ts
+from services.common.kafka import BatchProducer
+from services.dosage.core.tracker import Fix
 from services.geofence.service import GeofenceService, GeofenceSettings
 from tests.pipeline_helpers import (
     collect,
     flush_fixes,
+    ping_bytes,
     prepare_database,
     replay_expected,
     sample_fixes,
@@ -17,12 +24,50 @@ from tests.pipeline_helpers import (
 )
 
 
+async def send_records(bootstrap: str, topic: str, records: list[tuple[bytes, bytes]]) -> None:
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=5)
+    await producer.start()
+    try:
+        await BatchProducer(producer).send(topic, records)
+    finally:
+        await producer.stop()
+
+
 def key(row: dict[str, Any]) -> tuple[str, str, str]:
     return (row["started_at"], row["unit_id"], row["zone_id"])
 
 
+def other_forms(fix: Fix, i: int) -> list[bytes]:
+    """The ping in a form other than ingest's canonical one, now and then with a record that
+    is no ping at all (which the service skips, logged) in front of it."""
+    doc: dict[str, Any] = orjson.loads(ping_bytes(fix))
+    if i % 3 == 1:
+        doc["ts"] = fix.ts  # epoch milliseconds
+    elif i % 3 == 2:
+        doc["ts"] = format_ts(fix.ts).replace("Z", "+00:00")
+    if i % 7 == 3:
+        doc["altitude_m"] = 12.5  # a field a newer ingest might add: the fast reader refuses it
+    body = orjson.dumps(dict(reversed(doc.items()))).replace(b",", b", ")
+    junk = [b"not json", b'{"unit_id": "%s"}' % fix.unit_id.encode()] if i % 101 == 0 else []
+    return [*junk, body]
+
+
 def test_geofence_matches_replay(
     kafka_bootstrap: str, database_url: str, topic_prefix: str, tmp_path: Path
+) -> None:
+    run_against_replay(kafka_bootstrap, database_url, topic_prefix, tmp_path, canonical=True)
+
+
+def test_records_in_other_forms_and_junk_records_change_nothing(
+    kafka_bootstrap: str, database_url: str, topic_prefix: str, tmp_path: Path
+) -> None:
+    """The fast columnar reader takes ingest's canonical form; anything else is read the slow
+    way in its place in the order, and records that are no ping are skipped."""
+    run_against_replay(kafka_bootstrap, database_url, topic_prefix, tmp_path, canonical=False)
+
+
+def run_against_replay(
+    kafka_bootstrap: str, database_url: str, topic_prefix: str, tmp_path: Path, canonical: bool
 ) -> None:
     settings = GeofenceSettings(kafka_bootstrap=kafka_bootstrap, database_url=database_url,
                                 topic_prefix=topic_prefix, wall_clock=False)  # fmt: skip
@@ -37,7 +82,12 @@ def test_geofence_matches_replay(
         await service.start()
         task = asyncio.create_task(service.run())
         try:
-            await send_fixes(kafka_bootstrap, settings.topic_pings, fixes)
+            if canonical:
+                await send_fixes(kafka_bootstrap, settings.topic_pings, fixes)
+            else:
+                records = [(f.unit_id.encode(), body) for i, f in enumerate(fixes)
+                           for body in other_forms(f, i)]  # fmt: skip
+                await send_records(kafka_bootstrap, settings.topic_pings, records)
             events = await collect(
                 kafka_bootstrap, settings.topic_visits,
                 lambda v: sum(e["type"] == "dosewatch.visit.ended" for e in v) >= len(expected),
