@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import orjson
 import pytest
@@ -47,6 +48,28 @@ def test_save_restore_is_invisible(sample: tuple[ZoneIndex, list[Fix]], cut: int
         second.restore_unit(unit_id, data)
     events += run(second, fixes[cut:]) + second.finish()
     assert events == expected
+
+
+def _as_dict(flat: list[Any]) -> dict[str, Any]:
+    """The form state was saved in before the flat list."""
+    return {"last_usable": flat[0], "seen": flat[1:5], "open": flat[5:]}
+
+
+def test_state_saved_in_the_old_dict_form_restores_the_same(
+    sample: tuple[ZoneIndex, list[Fix]],
+) -> None:
+    index, fixes = sample
+    params = DosageParams()
+    first = VisitTracker(index, params)
+    run(first, fixes[:7000])
+    saved = {u: first.export_unit(u) for u in sorted(first.dirty)}
+    assert any(len(flat) > 5 for flat in saved.values())  # some units have open visits
+    flat, old = VisitTracker(index, params), VisitTracker(index, params)
+    for unit_id, data in saved.items():
+        flat.restore_unit(unit_id, data)
+        old.restore_unit(unit_id, _as_dict(data))
+    assert flat.units == old.units
+    assert run(flat, fixes[7000:]) + flat.finish() == run(old, fixes[7000:]) + old.finish()
 
 
 def test_dirty_tracks_touched_units(sample: tuple[ZoneIndex, list[Fix]]) -> None:

@@ -38,6 +38,8 @@ class VisitEventKind(Enum):
     ENDED = "ended"
 
 
+# A ping's answer for one zone: inside (True), near (False), neither (absent).
+_WHERE = {True: Where.INSIDE, False: Where.NEAR, None: Where.OUTSIDE}
 _MOMENT_KIND = {
     Moment.TARGET_MET: VisitEventKind.TARGET_MET,
     Moment.OVERSTAY: VisitEventKind.OVERSTAY,
@@ -45,7 +47,9 @@ _MOMENT_KIND = {
 }
 
 
-@dataclass(frozen=True, slots=True)
+# Not frozen: nothing changes an event once made, and a frozen dataclass's __init__ costs
+# four times as much, once per event on the hot path.
+@dataclass(slots=True)
 class VisitEvent:
     """A snapshot of a visit at the moment something happened to it."""
 
@@ -269,20 +273,21 @@ class VisitTracker:
         if prev is not None and ts - prev > self._max_gap and unit.open:
             self._close_all(unit, EndReason.SIGNAL_LOST, ts, out)
         index = self.index
-        rules_by_id = index.rules_by_id
-        if unit.open:
-            for zone_id, visit in list(unit.open.items()):
-                inside = here.get(zone_id)
-                where = Where.OUTSIDE if inside is None else Where.INSIDE if inside else Where.NEAR
+        opened = unit.open
+        if opened:
+            rules_by_id = index.rules_by_id
+            for zone_id, visit in tuple(opened.items()):
+                where = _WHERE[here.get(zone_id)]
                 moments = visit.observe(where, ts, rules_by_id[zone_id], self._confirm)
-                for moment in moments:
-                    out.append(self._event(_MOMENT_KIND[moment], ts, visit, index))
-                if moments and not visit.is_open:
-                    del unit.open[zone_id]
+                if moments:
+                    for moment in moments:
+                        out.append(self._event(_MOMENT_KIND[moment], ts, visit, index))
+                    if not visit.is_open:
+                        del opened[zone_id]
         for zone_id, inside in here.items():
-            if inside and zone_id not in unit.open:
+            if inside and zone_id not in opened:
                 visit = Visit.open(unit_id, zone_id, ts)
-                unit.open[zone_id] = visit
+                opened[zone_id] = visit
                 out.append(self._event(VisitEventKind.STARTED, ts, visit, index))
         unit.last_usable = ts
         if unit.open:
@@ -338,47 +343,30 @@ class VisitTracker:
 
     # -- persistence (live services save this next to their consumer offsets) ----------------
 
-    def export_unit(self, unit_id: str) -> dict[str, Any]:
+    def export_unit(self, unit_id: str) -> list[Any]:
+        """A flat list: saved for every unit a commit interval touched, so about once per ping."""
         unit = self.units[unit_id]
-        return {
-            "last_usable": unit.last_usable,
-            "seen": [unit.seen_ts, unit.seen_lon, unit.seen_lat, unit.seen_accuracy_m],
-            "open": [
-                [
-                    v.zone_id,
-                    v.started_at,
-                    v.last_in,
-                    v.last_seen,
-                    int(v.state),
-                    v.out_since,
-                    v.target_reported,
-                    v.overstay_reported,
-                    self.index.shape_ids.get(v.zone_id),
-                ]
+        out: list[Any] = [unit.last_usable, unit.seen_ts, unit.seen_lon, unit.seen_lat,
+                          unit.seen_accuracy_m]  # fmt: skip
+        if unit.open:
+            shapes = self.index.shape_ids
+            out += [
+                [v.zone_id, v.started_at, v.last_in, v.last_seen, int(v.state), v.out_since,
+                 v.target_reported, v.overstay_reported, shapes.get(v.zone_id)]
                 for v in unit.open.values()
-            ],
-        }
+            ]  # fmt: skip
+        return out
 
-    def restore_unit(self, unit_id: str, data: dict[str, Any]) -> None:
-        unit = UnitState(last_usable=data["last_usable"])
-        unit.seen_ts, unit.seen_lon, unit.seen_lat, unit.seen_accuracy_m = data["seen"]
-        for zone_id, started, last_in, last_seen, state, out_since, tgt, over, *shape in data[
-            "open"
-        ]:
+    def restore_unit(self, unit_id: str, data: list[Any] | dict[str, Any]) -> None:
+        if isinstance(data, dict):  # saved before the flat form
+            data = [data["last_usable"], *data["seen"], *data["open"]]
+        unit = UnitState(last_usable=data[0])
+        unit.seen_ts, unit.seen_lon, unit.seen_lat, unit.seen_accuracy_m = data[1:5]
+        for zone_id, started, last_in, last_seen, state, out_since, tgt, over, *shape in data[5:]:
             if shape and shape[0] != self.index.shape_ids.get(zone_id):
                 self._reshaped.add((unit_id, zone_id))
-            unit.open[zone_id] = Visit(
-                unit_id,
-                zone_id,
-                started,
-                last_in,
-                last_seen,
-                VisitState(state),
-                out_since,
-                None,
-                tgt,
-                over,
-            )
+            unit.open[zone_id] = Visit(unit_id, zone_id, started, last_in, last_seen,
+                                       VisitState(state), out_since, None, tgt, over)  # fmt: skip
         self.units[unit_id] = unit
         if unit.open and unit.last_usable is not None:
             self._watched.add(unit_id)
