@@ -35,7 +35,7 @@ def drive(
     visit: Visit, steps: list[tuple[Where, int]], confirm: int = CONFIRM, rules: ZoneRules = RULES
 ) -> list[list[Moment]]:
     """Feed (where, ms after T0) steps; the moments each step caused."""
-    return [visit.observe(where, T0 + dt, rules, confirm) for where, dt in steps]
+    return [list(visit.observe(where, T0 + dt, rules, confirm)) for where, dt in steps]
 
 
 @dataclass(frozen=True)
@@ -209,7 +209,7 @@ def test_moments_follow_the_zone_rules(
     target_ms: int, max_ms: int, dt: int, expected: list[Moment]
 ) -> None:
     rules = ZoneRules(min_visit_ms=0, target_ms=target_ms, max_visit_ms=max_ms)
-    assert opened().observe(IN, T0 + dt, rules, CONFIRM) == expected
+    assert list(opened().observe(IN, T0 + dt, rules, CONFIRM)) == expected
 
 
 def test_moments_stop_after_exit() -> None:
@@ -298,5 +298,5 @@ def test_non_increasing_ts_is_illegal_and_changes_nothing(
     after = (visit.state, visit.last_in, visit.last_seen, visit.out_since, visit.end_reason)
     assert after == before
     # The machine is still usable afterwards.
-    assert visit.observe(IN, visit.last_seen + 1, RULES, CONFIRM) == []
+    assert list(visit.observe(IN, visit.last_seen + 1, RULES, CONFIRM)) == []
     assert visit.state is VisitState.OPEN

@@ -6,6 +6,7 @@ In the style of h11: no I/O, every transition in `_TRANSITIONS`, and anything el
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import Enum, IntEnum, StrEnum
 
@@ -57,6 +58,10 @@ _TRANSITIONS: dict[tuple[VisitState, Where], VisitState] = {
 }
 
 
+# Most observations cause nothing: one shared empty answer, not a new list each time.
+_NOTHING: tuple[Moment, ...] = ()
+
+
 @dataclass(slots=True)
 class Visit:
     unit_id: str
@@ -84,7 +89,7 @@ class Visit:
 
     def observe(
         self, where: Where, ts: int, rules: ZoneRules, exit_confirm_ms: int
-    ) -> list[Moment]:
+    ) -> Sequence[Moment]:
         """Judge one usable ping of this unit; return the moments it caused, in order."""
         if self.state is VisitState.CLOSED:
             raise IllegalTransition(f"visit {self.unit_id}/{self.zone_id} is closed")
@@ -92,25 +97,28 @@ class Visit:
             raise IllegalTransition(
                 f"ping at {ts} is not after the visit's previous ping at {self.last_seen}"
             )
-        self.state = _TRANSITIONS[(self.state, where)]
+        state = self.state = _TRANSITIONS[(self.state, where)]
         self.last_seen = ts
-        moments: list[Moment] = []
-        if self.state is VisitState.OPEN:
+        if state is VisitState.OPEN:
             self.last_in = ts  # the time in between stays credited: a short excursion is jitter
             self.out_since = None
-            if not self.target_reported and self.duration_ms >= rules.target_ms:
+            if self.target_reported and self.overstay_reported:
+                return _NOTHING
+            moments: list[Moment] = []
+            duration = ts - self.started_at
+            if not self.target_reported and duration >= rules.target_ms:
                 self.target_reported = True
                 moments.append(Moment.TARGET_MET)
-            if not self.overstay_reported and self.duration_ms > rules.max_visit_ms:
+            if not self.overstay_reported and duration > rules.max_visit_ms:
                 self.overstay_reported = True
                 moments.append(Moment.OVERSTAY)
-        else:
-            if self.out_since is None:
-                self.out_since = ts
-            if ts - self.out_since >= exit_confirm_ms:
-                self.close(EndReason.EXITED)
-                moments.append(Moment.ENDED)
-        return moments
+            return moments
+        if self.out_since is None:
+            self.out_since = ts
+        if ts - self.out_since >= exit_confirm_ms:
+            self.close(EndReason.EXITED)
+            return [Moment.ENDED]
+        return _NOTHING
 
     def close(self, reason: EndReason) -> None:
         if self.state is VisitState.CLOSED:
