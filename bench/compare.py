@@ -23,6 +23,9 @@ Systems:
   skipped with the reason printed.
 - shapely STRtree + intersects_xy: a bulk query over the zones as drawn, then the exact test;
   the floor for a shapely-based index (the issue's reference), not a system anyone runs.
+- dosewatch geofence service: the whole service as deployed, Kafka to Kafka, on 10,000
+  patrolling units' pings in the same city (see bench/geofence_service.py), per core of its
+  own CPU, with its ratio to PostGIS's lookups per core.
 - naive shapely: for each point, every prepared zone's `.intersects`, one at a time; run on a
   subsample (plus the boundary probes) and extrapolated: labelled "(extrapolated)".
 """
@@ -270,6 +273,7 @@ POSTGIS = "PostGIS ST_Intersects (backend CPU)"
 STRTREE = "shapely STRtree + intersects_xy"
 NAIVE = "naive shapely loop (extrapolated)"
 SYSTEMS = (DOSEWATCH, POSTGIS, STRTREE, NAIVE)
+SERVICE = "dosewatch geofence service, Kafka to Kafka"
 
 
 def _examples(ref: Pairs, got: Pairs, zones: int, most: int = 3) -> str:
@@ -297,6 +301,10 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--dsn", default="postgresql://postgres@127.0.0.1:5432/postgres")
     parser.add_argument("--no-postgis", action="store_true")
+    parser.add_argument(
+        "--service-pings", type=int, default=500_000,
+        help="pings through the geofence service, Kafka to Kafka (0: skip)",
+    )  # fmt: skip
     args = parser.parse_args()
 
     counts = [int(z) for z in args.zones.split(",")]
@@ -390,9 +398,39 @@ def main() -> None:
     )
     for note in notes:
         print(note)
+    if args.service_pings:
+        rows += service_rows(counts, args.service_pings, {
+            r["zones"]: r["pts_per_core_s"] for r in rows if r["system"] == POSTGIS
+        })  # fmt: skip
     for row in rows:
         row["postgis"] = pg_note if row["system"] == POSTGIS else None
     print(f"results: {save('compare', rows)}")
+
+
+def service_rows(
+    counts: list[int], pings: int, postgis_rate: dict[int, float]
+) -> list[dict[str, Any]]:
+    """The whole geofence service (fetch, decode, index, visit rules, produce, state saves),
+    per core of its own CPU, against PostGIS's lookups alone per core of backend CPU."""
+    from bench.geofence_service import measure
+
+    measured = asyncio.run(measure(counts, units=10_000, pings=pings))
+    rows = []
+    for m in measured:
+        rate = m["pings_per_core_s"]
+        pg = postgis_rate.get(m["zones"])
+        rows.append({"system": SERVICE, "zones": m["zones"], "points": m["pings"],
+                     "pts_per_core_s": rate, "cpu_s": m["cpu_s"], "wall_s": m["wall_s"],
+                     "visit_events": m["visit_events"],
+                     "service_x_postgis": rate / pg if pg else None})  # fmt: skip
+    print(table(rows, [("system", "system"), ("zones", "zones"), ("points", "pings"),
+                       ("pts_per_core_s", "pings/s per core"), ("visit_events", "visit events"),
+                       ("service_x_postgis", "this / PostGIS")]))  # fmt: skip
+    print(
+        "The service's pings are 10,000 units patrolling the same city (bench/_city.py patrol), "
+        "not the points above: it keeps per-unit visit state, which needs tracks."
+    )
+    return rows
 
 
 if __name__ == "__main__":
