@@ -127,7 +127,10 @@ async def run_rate(
     keys, heads = beats(rng, centres, units, f"r{rate}u")
     pool_n = len(keys)
     k = 0
+    taken0: float | None = None
     while time.monotonic() - t0 < warmup_s + seconds:
+        if taken0 is None and time.monotonic() - t0 >= warmup_s:
+            taken0, taken_t0 = await _taken(ports["geofence"]), time.monotonic()
         # Catch up to the schedule: a slow ack must not lower the offered rate.
         n = max(1, int(rate * (time.monotonic() - t0 + step)) - sent) if rate else 2000
         stamp = format_ts(int(time.time() * 1000)).encode() + b'"}'
@@ -140,6 +143,11 @@ async def run_rate(
         if rate:
             await asyncio.sleep(max(0.0, t0 + sent / rate - time.monotonic()))
     elapsed = time.monotonic() - t0
+    # Throughput: pings the geofence stage took while the load ran (at "max" the sender can
+    # outrun the pipeline, so what was sent says little).
+    through = (await _taken(ports["geofence"]) - (taken0 or 0.0)) / (
+        time.monotonic() - (taken_t0 if taken0 is not None else t0)
+    )
     await asyncio.sleep(2.0)
     stop.set()
     await watcher
@@ -152,6 +160,7 @@ async def run_rate(
     row: dict[str, Any] = {
         "rate": rate or "max",
         "sent_per_s": sent / elapsed,
+        "through_per_s": through,
         "statuses": len(latencies),
         "p50_ms": float(np.percentile(lat, 50)),
         "p99_ms": float(np.percentile(lat, 99)),
@@ -175,6 +184,17 @@ async def _histogram(port: int) -> dict[float, float]:
             le = line.split('le="')[1].split('"')[0]
             out[float("inf") if le == "+Inf" else float(le)] = float(line.rsplit(" ", 1)[1])
     return out
+
+
+async def _taken(port: int) -> float:
+    """Pings a stage has taken so far (its dosewatch_pings_in_total)."""
+    async with httpx.AsyncClient() as client:
+        text = (await client.get(f"http://127.0.0.1:{port}/metrics")).text
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith("dosewatch_pings_in_total{")
+    )
 
 
 async def _stage_quantiles(port: int, before: dict[float, float]) -> float:
@@ -215,7 +235,7 @@ async def start_services(
 
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--rates", default="1000,5000,10000")
+    parser.add_argument("--rates", default="1000,5000,10000,20000,0", help="0: as fast as it goes")
     parser.add_argument("--seconds", type=float, default=10.0, help="measured, after warm-up")
     parser.add_argument("--warmup", type=float, default=2.0)
     parser.add_argument("--zones", type=int, default=5000, help="per rate")
