@@ -74,6 +74,23 @@ def _street(centre: tuple[float, float]) -> tuple[float, float]:
     return centre[0] + 0.004, centre[1] + 0.004  # ~400 m off: outside the zone, near it
 
 
+def tree_cpu(root: int) -> float:
+    """CPU of a process and its live children (PostgreSQL: the postmaster and its backends),
+    plus what its exited children used (counted in the parent's cutime/cstime)."""
+    total = 0.0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # exited meanwhile
+        pid, ppid = int(stat.parent.name), int(fields[1])
+        if pid == root:
+            total += sum(int(f) for f in fields[11:15]) / TICKS
+        elif ppid == root:
+            total += (int(fields[11]) + int(fields[12])) / TICKS
+    return total
+
+
 def broker_cpu(broker: EmbeddedKafka) -> float:
     assert broker.proc is not None
     return cpu_seconds(broker.proc.pid)
@@ -82,7 +99,7 @@ def broker_cpu(broker: EmbeddedKafka) -> float:
 async def run_rate(
     rate: int, seconds: float, broker: EmbeddedKafka, prefix: str, features: list[dict[str, Any]],
     procs: dict[str, subprocess.Popen[bytes]], units: int, interval_s: float,
-    ports: dict[str, int], warmup_s: float,
+    ports: dict[str, int], warmup_s: float, pg: EmbeddedPostgres,
 ) -> dict[str, Any]:  # fmt: skip
     rng = np.random.default_rng(rate + 1)
     bootstrap = broker.bootstrap
@@ -117,6 +134,8 @@ async def run_rate(
     before = {n: await _histogram(ports[n]) for n in SERVICES}
     cpu0 = {n: cpu_seconds(p.pid) for n, p in procs.items()}
     broker0 = broker_cpu(broker)
+    assert pg.proc is not None
+    pg0 = tree_cpu(pg.proc.pid)
     sent = 0
     t0 = time.monotonic()
     # The first second or two on fresh topics (metadata, first fetches) is not steady state.
@@ -153,6 +172,7 @@ async def run_rate(
     await watcher
     cpu = {n: cpu_seconds(p.pid) - cpu0[n] for n, p in procs.items()}
     cpu_broker = broker_cpu(broker) - broker0
+    cpu_pg = tree_cpu(pg.proc.pid) - pg0
     stages = {n: await _stage_quantiles(ports[n], before[n]) for n in SERVICES}
     await consumer.stop()
     await producer.stop()
@@ -169,6 +189,7 @@ async def run_rate(
     for name in SERVICES:
         row[f"cpu_{name}"] = cpu[name] / sent * 1000
     row["cpu_broker"] = cpu_broker / sent * 1000
+    row["cpu_postgres"] = cpu_pg / sent * 1000
     for name in SERVICES:
         row[f"p99_{name}_ms"] = stages[name]
     return row
@@ -277,7 +298,7 @@ async def main() -> None:
                 own = features[i * args.zones : (i + 1) * args.zones]
                 rows.append(await run_rate(rate, args.seconds, broker, prefix, own, procs,
                                            args.units, args.interval, ports,
-                                           args.warmup))  # fmt: skip
+                                           args.warmup, pg))  # fmt: skip
             finally:
                 for p in procs.values():
                     p.terminate()
