@@ -37,7 +37,7 @@ from services.dosage.core.params import ZoneRules
 from services.dosage.core.periods import ShiftCalendar, parse_shift_starts
 from services.dosage.core.schedule import WeeklySchedule
 from services.dosage.core.tracker import VisitEventKind
-from services.dosage.periodstore import refresh_zone_periods
+from services.dosage.periodstore import refresh_periods
 
 log = logging.getLogger(__name__)
 META = ""
@@ -258,30 +258,40 @@ class DosageService(StatefulService):
             EVENTS_OUT.labels(self.name, s.topic_audit).inc(len(audits))
 
     async def write(self, conn: asyncpg.Connection, outputs: list[Any]) -> None:
+        # One statement per table over arrays, not a round trip per row: a commit interval
+        # at full rate carries hundreds of events and visits.
         audits = [o.audit for o in outputs if o.audit is not None]
         if audits:
-            await conn.executemany(
+            await conn.execute(
                 "INSERT INTO audit_log (event_id, type, subject, time, event) "
-                "VALUES ($1, $2, $3, $4, $5::jsonb) ON CONFLICT (event_id) DO NOTHING",
-                [(a["id"], a["type"], a["subject"], _db_time(a["time"]), orjson.dumps(a).decode())
-                 for a in audits],
+                "SELECT i, t, s, tm, e::jsonb FROM unnest($1::text[], $2::text[], $3::text[], "
+                "$4::timestamptz[], $5::text[]) WITH ORDINALITY AS a(i, t, s, tm, e, n) "
+                "ORDER BY n ON CONFLICT (event_id) DO NOTHING",
+                [a["id"] for a in audits], [a["type"] for a in audits],
+                [a["subject"] for a in audits], [_db_time(a["time"]) for a in audits],
+                [orjson.dumps(a).decode() for a in audits],
             )  # fmt: skip
         visits = [(o.visit, o.rules) for o in outputs if o.visit is not None]
         if not visits:
             return
-        await conn.executemany(
+        rows = [v for v, _ in visits]
+        await conn.execute(
             "INSERT INTO visits (unit_id, zone_id, started_at, ended_at, duration_s, end_reason, "
-            "qualified, target_met, overstay) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) "
-            "ON CONFLICT (unit_id, zone_id, started_at) DO NOTHING",
-            [(v["unit_id"], v["zone_id"], _db_time(v["started_at"]), _db_time(v["ended_at"]),
-              v["duration_s"], v["end_reason"], v["qualified"], v["target_met"], v["overstay"])
-             for v, _ in visits],
+            "qualified, target_met, overstay) SELECT * FROM unnest($1::text[], $2::text[], "
+            "$3::timestamptz[], $4::timestamptz[], $5::float8[], $6::text[], $7::bool[], "
+            "$8::bool[], $9::bool[]) ON CONFLICT (unit_id, zone_id, started_at) DO NOTHING",
+            [v["unit_id"] for v in rows], [v["zone_id"] for v in rows],
+            [_db_time(v["started_at"]) for v in rows], [_db_time(v["ended_at"]) for v in rows],
+            [v["duration_s"] for v in rows], [v["end_reason"] for v in rows],
+            [v["qualified"] for v in rows], [v["target_met"] for v in rows],
+            [v["overstay"] for v in rows],
         )  # fmt: skip
-        for v, rules in visits:
-            if v["qualified"] and rules is not None:
-                await refresh_zone_periods(conn, v["zone_id"], parse_ts(v["started_at"]),
-                                           parse_ts(v["ended_at"]), rules.target_ms,
-                                           self.calendar)  # fmt: skip
+        closed = [
+            (v["zone_id"], parse_ts(v["started_at"]), parse_ts(v["ended_at"]), rules.target_ms)
+            for v, rules in visits
+            if v["qualified"] and rules is not None
+        ]
+        await refresh_periods(conn, closed, self.calendar)
 
 
 def _db_time(text: str) -> datetime:
