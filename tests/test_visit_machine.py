@@ -5,10 +5,13 @@ Times are epoch milliseconds; every table row starts from a visit opened at T0.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from services.dosage.core.params import DosageParams, ZoneRules
 from services.dosage.core.visit import (
@@ -300,3 +303,44 @@ def test_non_increasing_ts_is_illegal_and_changes_nothing(
     # The machine is still usable afterwards.
     assert list(visit.observe(IN, visit.last_seen + 1, RULES, CONFIRM)) == []
     assert visit.state is VisitState.OPEN
+
+
+# -- stay: observe's shortcut for a ping that changes nothing but the times -----------------------
+
+_STEP = st.sampled_from([Where.INSIDE, Where.NEAR, Where.OUTSIDE])
+
+
+@given(
+    steps=st.lists(st.tuples(_STEP, st.integers(0, 400_000)), max_size=12),
+    where=st.sampled_from([Where.INSIDE, Where.NEAR]),
+    gap=st.integers(-10_000, 1_500_000),
+)
+def test_stay_does_what_observe_does_or_nothing(
+    steps: list[tuple[Where, int]], where: Where, gap: int
+) -> None:
+    """After any history, `stay` either leaves the visit as `observe(INSIDE or NEAR)` would
+    have, having caused no moment, or refuses and changes nothing."""
+    visit = opened()
+    ts = T0
+    for step, dt in steps:
+        if not visit.is_open:
+            break
+        ts += dt + 1
+        visit.observe(step, ts, RULES, CONFIRM)
+    shortcut, judged = copy.copy(visit), copy.copy(visit)
+    at = ts + gap
+    if shortcut.stay(at, RULES):
+        assert list(judged.observe(where, at, RULES, CONFIRM)) == []
+        assert shortcut == judged
+    else:
+        assert shortcut == visit
+
+
+def test_stay_takes_the_common_ping_and_leaves_moments_to_observe() -> None:
+    visit = opened()
+    assert visit.stay(T0 + 10_000, RULES)
+    assert (visit.last_in, visit.last_seen) == (T0 + 10_000, T0 + 10_000)
+    assert not visit.stay(T0 + RULES.target_ms, RULES)  # target met: a moment
+    assert not visit.stay(T0 + 10_000, RULES)  # not after the previous ping
+    visit.observe(OUT, T0 + 20_000, RULES, CONFIRM)
+    assert not visit.stay(T0 + 30_000, RULES)  # exit pending: observe brings it back

@@ -155,7 +155,8 @@ class VisitTracker:
         nowhere: dict[str, bool] = {}
         units = self.units
         mark_dirty = self.dirty.add
-        watch = self._watch
+        watch, watched = self._watch, self._watched
+        rules_by_id = self.index.rules_by_id
         max_gap, max_accuracy = self._max_gap, self._max_accuracy
         usable = low_accuracy = duplicate = late = i = 0  # counted here, added up at the end
         try:
@@ -163,7 +164,7 @@ class VisitTracker:
                 unit_id, t, acc = unit_ids[i], ts[i], accuracy_m[i]
                 clock = self.clock
                 if clock is None or t > clock:
-                    self.clock = t
+                    self.clock = clock = t
                     if watch and watch[0][0] < t - max_gap:
                         self._watchdog(out, t)
                 unit = units.get(unit_id)
@@ -191,6 +192,23 @@ class VisitTracker:
                         continue
                     here = nowhere
                 else:
+                    opened = unit.open
+                    if (
+                        hi - lo == 1
+                        and len(opened) == 1
+                        and (prev is None or t - prev <= max_gap)
+                        and clock - t <= max_gap
+                    ):
+                        # A unit staying in the one zone it is visiting: most pings of a
+                        # patrol's stop. No event; the visit's times move on.
+                        zone_id = zone_ids[hit_zone[lo]]
+                        visit = opened.get(zone_id)
+                        if visit is not None and visit.stay(t, rules_by_id[zone_id]):
+                            unit.last_usable = t
+                            if unit_id not in watched:
+                                watched.add(unit_id)
+                                heapq.heappush(watch, (t, unit_id))
+                            continue
                     here = {zone_ids[hit_zone[k]]: hit_inside[k] for k in range(lo, hi)}
                 self._usable(unit_id, unit, t, prev, here, out)
         finally:

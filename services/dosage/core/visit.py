@@ -120,6 +120,21 @@ class Visit:
             return [Moment.ENDED]
         return _NOTHING
 
+    def stay(self, ts: int, rules: ZoneRules) -> bool:
+        """`observe(INSIDE or NEAR, ...)` for the most common ping of all, one that finds an
+        open visit open and causes no moment, without building an answer. Anything else
+        (and any ping `observe` would refuse) changes nothing here and returns False: the
+        caller then asks `observe`."""
+        if self.state is not VisitState.OPEN or ts <= self.last_seen:
+            return False
+        duration = ts - self.started_at
+        if (not self.target_reported and duration >= rules.target_ms) or (
+            not self.overstay_reported and duration > rules.max_visit_ms
+        ):
+            return False
+        self.last_in = self.last_seen = ts
+        return True
+
     def close(self, reason: EndReason) -> None:
         if self.state is VisitState.CLOSED:
             raise IllegalTransition(f"visit {self.unit_id}/{self.zone_id} is already closed")
