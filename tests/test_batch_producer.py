@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.partitioner import murmur2
 
+from services.common import kafka
 from services.common.kafka import BatchProducer, partition_for
 
 
@@ -56,3 +59,21 @@ def test_unawaited_sends_are_ordered_and_acknowledged(
     kafka_bootstrap: str, topic_prefix: str
 ) -> None:
     asyncio.run(_run(kafka_bootstrap, topic_prefix + "batch"))
+
+
+def test_cached_partitioner_agrees_with_murmur2_also_after_the_cache_is_cleared(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The Java client's partitioner, so that every producer agrees where a key lives; the
+    cache of hashes is bounded and clearing it changes no answer."""
+    monkeypatch.setattr(kafka, "_HASHES_MAX", 50)
+    monkeypatch.setattr(kafka, "_HASHES", {})
+    keys = [f"unit-{i:05d}".encode() for i in range(300)] + ["zone-ü".encode(), b""]
+    for partitions in (1, 3, 4, 12):
+        for key in keys * 2:
+            assert partition_for(key, partitions) == (murmur2(key) & 0x7FFFFFFF) % partitions
+    assert len(kafka._HASHES) <= 50
+    # Kafka's own test vectors for murmur2 (UtilsTest), as signed 32-bit ints.
+    java = {b"21": -973932308, b"foobar": -790332482, b"a-little-bit-long-string": -985981536}
+    for key, hashed in java.items():
+        assert partition_for(key, 1000) == (hashed & 0x7FFFFFFF) % 1000

@@ -105,7 +105,17 @@ async def ensure_topics(settings: CommonSettings, topics: dict[str, dict[str, st
 
 def partition_for(key: bytes, partitions: int) -> int:
     """The Java client's default partitioner: every producer agrees where a key lives."""
-    return int(murmur2(key) & 0x7FFFFFFF) % partitions
+    hashed = _HASHES.get(key)
+    if hashed is None:
+        # aiokafka's murmur2 is pure Python (about 2 us); keys (units, zones) repeat all day.
+        if len(_HASHES) >= _HASHES_MAX:
+            _HASHES.clear()
+        hashed = _HASHES[key] = int(murmur2(key) & 0x7FFFFFFF)
+    return hashed % partitions
+
+
+_HASHES: dict[bytes, int] = {}
+_HASHES_MAX = 200_000
 
 
 class BatchProducer:
