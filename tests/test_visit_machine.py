@@ -344,3 +344,35 @@ def test_stay_takes_the_common_ping_and_leaves_moments_to_observe() -> None:
     assert not visit.stay(T0 + 10_000, RULES)  # not after the previous ping
     visit.observe(OUT, T0 + 20_000, RULES, CONFIRM)
     assert not visit.stay(T0 + 30_000, RULES)  # exit pending: observe brings it back
+
+
+@given(
+    steps=st.lists(st.tuples(_STEP, st.integers(0, 100_000)), max_size=12),
+    gap=st.integers(-10_000, 200_000),
+)
+def test_away_does_what_observe_outside_does_or_nothing(
+    steps: list[tuple[Where, int]], gap: int
+) -> None:
+    visit = opened()
+    ts = T0
+    for step, dt in steps:
+        if not visit.is_open:
+            break
+        ts += dt + 1
+        visit.observe(step, ts, RULES, CONFIRM)
+    shortcut, judged = copy.copy(visit), copy.copy(visit)
+    at = ts + gap
+    if shortcut.away(at, CONFIRM):
+        assert list(judged.observe(OUT, at, RULES, CONFIRM)) == []
+        assert shortcut == judged
+    else:
+        assert shortcut == visit
+
+
+def test_away_takes_pings_while_an_exit_waits_and_leaves_the_confirming_one() -> None:
+    visit = opened()
+    assert not visit.away(T0 + 10_000, CONFIRM)  # open: observe starts the wait
+    visit.observe(OUT, T0 + 10_000, RULES, CONFIRM)
+    assert visit.away(T0 + 20_000, CONFIRM) and visit.last_seen == T0 + 20_000
+    assert not visit.away(T0 + 10_000 + CONFIRM, CONFIRM)  # this one confirms the exit
+    assert visit.state is VisitState.EXIT_PENDING

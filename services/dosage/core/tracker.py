@@ -157,7 +157,7 @@ class VisitTracker:
         mark_dirty = self.dirty.add
         watch, watched = self._watch, self._watched
         rules_by_id = self.index.rules_by_id
-        max_gap, max_accuracy = self._max_gap, self._max_accuracy
+        max_gap, max_accuracy, confirm = self._max_gap, self._max_accuracy, self._confirm
         usable = low_accuracy = duplicate = late = i = 0  # counted here, added up at the end
         try:
             for i in range(n):
@@ -187,8 +187,21 @@ class VisitTracker:
                 usable += 1
                 lo, hi = first[i], first[i + 1]
                 if lo == hi:
-                    if not unit.open:  # nowhere near a zone, and no visit to judge
+                    opened = unit.open
+                    if not opened:  # nowhere near a zone, and no visit to judge
                         unit.last_usable = t
+                        continue
+                    if (
+                        len(opened) == 1
+                        and (prev is None or t - prev <= max_gap)
+                        and clock - t <= max_gap
+                        and next(iter(opened.values())).away(t, confirm)
+                    ):
+                        # Gone from the zone and still waiting out the exit confirmation.
+                        unit.last_usable = t
+                        if unit_id not in watched:
+                            watched.add(unit_id)
+                            heapq.heappush(watch, (t, unit_id))
                         continue
                     here = nowhere
                 else:

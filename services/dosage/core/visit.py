@@ -135,6 +135,19 @@ class Visit:
         self.last_in = self.last_seen = ts
         return True
 
+    def away(self, ts: int, exit_confirm_ms: int) -> bool:
+        """`observe(OUTSIDE, ...)` for a visit already waiting out its exit confirmation, when
+        this ping does not confirm it: only `last_seen` moves. Otherwise False, unchanged."""
+        if (
+            self.state is not VisitState.EXIT_PENDING
+            or ts <= self.last_seen
+            or self.out_since is None
+            or ts - self.out_since >= exit_confirm_ms
+        ):
+            return False
+        self.last_seen = ts
+        return True
+
     def close(self, reason: EndReason) -> None:
         if self.state is VisitState.CLOSED:
             raise IllegalTransition(f"visit {self.unit_id}/{self.zone_id} is already closed")
