@@ -2,7 +2,8 @@
 then the unit id and the time are checked in plain Python, into columns.
 
 Whatever it does not read goes the `Ping` model's way, so errors read as they always have.
-Replay reads its lines with it, and the services their Kafka records.
+Replay reads its lines with it, and the services their Kafka records; ingest takes every field
+(`read_ping`) to write the normalised ping without the model.
 """
 
 from __future__ import annotations
@@ -42,6 +43,12 @@ _DECODE_ERRORS = (msgspec.DecodeError, ValueError, RecursionError)  # ValueError
 # The end of a canonical time, ".123Z", and its milliseconds (ASCII digits only).
 _MILLIS = {f".{ms:03d}Z": ms for ms in range(1000)}
 PingFields = tuple[str, int, float, float, float | None]  # unit_id, ts, lon, lat, accuracy_m
+# Every field of the `Ping` model, in its order: unit_id, ts, lat, lon, accuracy_m, speed_mps,
+# heading_deg, source (None: absent or null).
+PingRecord = tuple[str, int, float, float, float | None, float | None, float | None, str | None]
+# Unit ids seen valid are kept to skip the regex; a long-running reader (ingest) must not grow
+# without bound on a stream of made-up ids.
+_UNITS_MAX = 65_536
 
 
 @dataclass(slots=True)
@@ -84,6 +91,31 @@ class FastPings:
         if ts is None:
             return None
         return p.unit_id, ts, p.lon, p.lat, p.accuracy_m
+
+    def read_ping(self, raw: bytes) -> PingRecord | None:
+        """Every field the `Ping` model would hold for this message (one JSON object), or None.
+
+        The values are the model's own: a JSON integer in a float field is a float (as strict
+        pydantic makes it), and `ts` is epoch milliseconds."""
+        try:
+            p = self._one(raw)
+        except _DECODE_ERRORS:
+            return None
+        if p.unit_id not in self._units and not self._new_unit(p.unit_id):
+            return None
+        value = p.ts
+        ts: int | None = None
+        if type(value) is str and len(value) == 24:
+            # The canonical form, its second seen before (nearly every ping): two dict lookups.
+            millis = _MILLIS.get(value[19:])
+            second = self._seconds.get(value[:19]) if millis is not None else None
+            if second is not None and millis is not None:
+                ts = second + millis
+        if ts is None:
+            ts = self._ts(value)
+            if ts is None:
+                return None
+        return p.unit_id, ts, p.lat, p.lon, p.accuracy_m, p.speed_mps, p.heading_deg, p.source
 
     def read_lines(self, lines: list[bytes]) -> PingColumns:
         """`read` for a run of lines, as columns."""
@@ -158,6 +190,8 @@ class FastPings:
     def _new_unit(self, unit_id: str) -> bool:
         if not _UNIT_ID.fullmatch(unit_id):
             return False
+        if len(self._units) >= _UNITS_MAX:
+            self._units.clear()
         self._units.add(unit_id)
         return True
 
@@ -181,4 +215,4 @@ class FastPings:
             return None
 
 
-__all__ = ["FastPings", "PingColumns", "PingFields"]
+__all__ = ["FastPings", "PingColumns", "PingFields", "PingRecord"]
