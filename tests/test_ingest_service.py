@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import time
 from typing import Any
 
 import httpx
@@ -125,3 +126,73 @@ def test_http_intake_and_osmand(kafka_bootstrap: str, topic_prefix: str) -> None
         assert len(dead) == 3
 
     asyncio.run(scenario())
+
+
+def test_kafka_outputs_and_counters_are_the_slow_paths(
+    kafka_bootstrap: str, topic_prefix: str
+) -> None:
+    """Mixed input through the service: every output byte, dead letter and counter is what
+    the slow path (each message through `normalise_message`) gives."""
+    from prometheus_client import REGISTRY
+
+    from services.ingest.core.normalise import Limits, dead_letter, normalise_message
+
+    settings = IngestSettings(kafka_bootstrap=kafka_bootstrap, topic_prefix=topic_prefix)
+    good = GOOD | {"ts": "2026-05-14T18:00:05.123Z"}
+    raws = [
+        orjson.dumps(good),
+        orjson.dumps(GOOD | {"lat": 40, "accuracy_m": 1e16, "source": 'é😀 "}\n'}),
+        orjson.dumps(good | {"ts": 1778781605000, "speed_mps": None}),
+        b'{"unit_id":"car-1","ts":"2026-05-14t18:00:05.1234567z","lat":-0.0,"lon":5e-324}',
+        orjson.dumps([good, good | {"lat": 91}]),
+        orjson.dumps(good | {"lat": 91}),
+        orjson.dumps(good | {"altitude": 3}),
+        orjson.dumps(good | {"ts": "2099-01-01T00:00:00.000Z"}),
+        b"\xff not json",
+        b"",
+        orjson.dumps(good | {"heading_deg": 359.5}),
+    ]
+
+    def counter(name: str, **labels: str) -> float:
+        return REGISTRY.get_sample_value(name, {"service": "ingest"} | labels) or 0.0
+
+    names = [("dosewatch_pings_in_total", {"source": "kafka"}),
+             ("dosewatch_pings_rejected_total", {"reason": "lat"}),
+             ("dosewatch_pings_rejected_total", {"reason": "ts"}),
+             ("dosewatch_pings_rejected_total", {"reason": "(message)"}),
+             ("dosewatch_events_out_total", {"topic": settings.topic_pings}),
+             ("dosewatch_events_out_total", {"topic": settings.topic_dlq})]  # fmt: skip
+    before = [counter(n, **labels) for n, labels in names]
+
+    async def scenario() -> tuple[list[Any], list[Any], list[Any]]:
+        service = IngestService(settings)
+        await service.start()
+        task = asyncio.create_task(service.run())
+        producer = AIOKafkaProducer(bootstrap_servers=kafka_bootstrap)
+        await producer.start()
+        try:
+            sent = [await producer.send_and_wait(settings.topic_raw, r, key=b"car-1") for r in raws]
+            pings = await drain(kafka_bootstrap, settings.topic_pings, 6)
+            dead = await drain(kafka_bootstrap, settings.topic_dlq, 6)
+        finally:
+            await producer.stop()
+            task.cancel()
+            await service.stop()
+        return pings, dead, sent
+
+    pings, dead, sent = asyncio.run(scenario())
+    limits = Limits(int(time.time() * 1000))
+    want_pings: list[tuple[bytes, bytes]] = []
+    want_dead: list[bytes] = []
+    for raw, meta in zip(raws, sent, strict=True):
+        ok, bad = normalise_message(raw, limits)
+        want_pings += [(a.key, a.value) for a in ok]
+        if bad:
+            source = {"topic": settings.topic_raw, "partition": meta.partition,
+                      "offset": meta.offset}  # fmt: skip
+            want_dead.append(dead_letter(raw, bad, source))
+    assert [(r.key, r.value) for r in pings] == want_pings
+    assert sorted(r.value for r in dead) == sorted(want_dead)
+    after = [counter(n, **labels) for n, labels in names]
+    # 12 pings in 11 messages; refused: 2 for lat, 1 for ts, 2 unreadable, 1 unknown field
+    assert [a - b for a, b in zip(after, before, strict=True)] == [12, 2, 1, 2, 6, 6]
