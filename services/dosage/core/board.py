@@ -18,7 +18,7 @@ from enum import StrEnum
 from typing import Any
 
 from services.dosage.core.params import DosageParams, ZoneRules
-from services.dosage.core.periods import ShiftCalendar, ZonePeriod, merge_intervals, zone_periods
+from services.dosage.core.periods import ShiftCalendar, ZonePeriod, merge_intervals, shift_period
 from services.dosage.core.tracker import VisitEvent, VisitEventKind
 
 _DAY_MS = 86_400_000
@@ -45,6 +45,9 @@ class ZoneLive:
     generation: int = 0  # invalidates stale deadlines
     # "unit started_at" -> furthest stage seen: a redelivered event never moves a visit back.
     stages: dict[str, int] = field(default_factory=dict)
+    # No ended visit in `stages` started before this (None: not known), so an end that prunes
+    # nothing need not look at them all.
+    ended_since: int | None = None
 
 
 _STAGE = {
@@ -100,32 +103,42 @@ class ZoneBoard:
 
     def apply(self, event: VisitEvent) -> list[StatusChange]:
         """One visit event; the clock first moves to its stream clock."""
-        out = self.advance(max(event.time, event.clock))
+        clock = max(event.time, event.clock)
+        out = self.advance(clock) if self.clock is None or clock > self.clock else []
         zone = self.zones.get(event.zone_id)
         if zone is None:  # a zone this board does not own (or one deleted meanwhile)
             return out
         key = f"{event.unit_id} {event.started_at}"
-        stage = _STAGE[event.kind]
+        kind = event.kind
+        stage = _STAGE[kind]
         if zone.stages.get(key, -1) >= stage:
             return out  # a repeat (at-least-once delivery upstream): already applied
         zone.stages[key] = stage
         zone.rules = event.rules
-        if event.kind is VisitEventKind.STARTED:
+        if kind is VisitEventKind.STARTED:
             zone.present[event.unit_id] = event.started_at
             if zone.occupied_since is None or event.started_at < zone.occupied_since:
                 zone.occupied_since = event.started_at
-        elif event.kind is VisitEventKind.ENDED:
+        elif kind is VisitEventKind.ENDED:
             zone.present.pop(event.unit_id, None)
             if not zone.present:
                 zone.occupied_since = None
             if event.qualified:
                 self._add_qualified(zone, event.started_at, event.last_in)
             horizon = event.last_in - 2 * _DAY_MS
-            zone.stages = {
-                k: v
-                for k, v in zone.stages.items()
-                if v < stage or int(k.rsplit(" ", 1)[1]) >= horizon
-            }
+            since = zone.ended_since
+            if since is None or since < horizon or event.started_at < horizon:
+                zone.stages = {
+                    k: v
+                    for k, v in zone.stages.items()
+                    if v < stage or int(k.rsplit(" ", 1)[1]) >= horizon
+                }
+                zone.ended_since = min(
+                    (int(k.rsplit(" ", 1)[1]) for k, v in zone.stages.items() if v >= stage),
+                    default=None,
+                )
+            elif event.started_at < since:
+                zone.ended_since = event.started_at
         self._refresh(zone, self._now(event.time), out)
         return out
 
@@ -183,31 +196,33 @@ class ZoneBoard:
     def snapshot(self, zone_id: str, at: int | None = None) -> ZoneSnapshot:
         zone = self.zones[zone_id]
         now = self._now(at)
-        status = self._status(zone, now)
+        return self._snapshot(zone, now, self._status(zone, now))
+
+    def _snapshot(self, zone: ZoneLive, now: int, status: ZoneStatusKind) -> ZoneSnapshot:
+        zone_id = zone.zone_id
+        rules = zone.rules
+        present = zone.present
         elapsed = now - zone.occupied_since if zone.occupied_since is not None else 0
         start, end = self.calendar.shift_of(now)
-        intervals = list(zone.qualified)
-        for started in zone.present.values():  # ongoing visits count once they qualify
-            if now - started >= zone.rules.min_visit_ms:
-                intervals.append((started, now))
-        rows = [
-            p
-            for p in zone_periods(zone_id, intervals, zone.rules.target_ms, self.calendar)
-            if p.period_start == start
-        ]
-        shift = rows[0] if rows else ZonePeriod(zone_id, start, end, 0, 0, 0, 0)
+        intervals = zone.qualified
+        if present:  # ongoing visits count once they qualify
+            ongoing = [(s, now) for s in present.values() if now - s >= rules.min_visit_ms]
+            if ongoing:
+                intervals = intervals + ongoing
+        units = tuple(sorted(present))
         return ZoneSnapshot(
             zone_id=zone_id,
             status=status,
             as_of=now,
             occupied_since=zone.occupied_since,
             elapsed_ms=max(0, elapsed),
-            remaining_ms=max(0, zone.rules.target_ms - elapsed) if zone.present else 0,
-            target_ms=zone.rules.target_ms,
-            units_present=tuple(sorted(zone.present)),
-            present_since=tuple(zone.present[u] for u in sorted(zone.present)),
+            remaining_ms=max(0, rules.target_ms - elapsed) if present else 0,
+            target_ms=rules.target_ms,
+            units_present=units,
+            present_since=tuple(present[u] for u in units),
             last_dosed_end=zone.last_dosed_end,
-            shift=shift,
+            # Only this shift's row: zone_periods would total every shift the intervals touch.
+            shift=shift_period(zone_id, intervals, rules.target_ms, start, end),
         )
 
     # -- rules -------------------------------------------------------------------------------
@@ -253,9 +268,12 @@ class ZoneBoard:
         status = self._status(zone, now)
         if status is not zone.status:
             previous, zone.status = zone.status, status
-            out.append(
-                StatusChange(zone.zone_id, now, previous, status, self.snapshot(zone.zone_id, now))
-            )
+            # As snapshot(zone_id, now) sees it: the status just found, unless the board's
+            # clock is already past now.
+            seen = self._now(now)
+            seen_status = status if seen == now else self._status(zone, seen)
+            snapshot = self._snapshot(zone, seen, seen_status)
+            out.append(StatusChange(zone.zone_id, now, previous, status, snapshot))
         zone.generation += 1
         deadline = self._next_change(zone, now)
         if deadline is not None:
@@ -301,6 +319,7 @@ class ZoneBoard:
         zone.last_dosed_end = data["last_dosed_end"]
         zone.status = ZoneStatusKind(data["status"])
         zone.stages = dict(data.get("stages", {}))
+        zone.ended_since = None
         if zone.rules.schedule is not None and self.clock is None:
             self._unjudged.add(zone_id)
             return

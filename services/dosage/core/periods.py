@@ -28,6 +28,10 @@ def parse_shift_starts(text: str) -> tuple[time, ...]:
     return tuple(sorted(starts))
 
 
+_RECENT_SHIFTS = 4
+_CACHED_DAYS = 512
+
+
 class ShiftCalendar:
     """Shift boundaries as UTC instants; a shift spanning a DST change is 1 h longer or shorter."""
 
@@ -36,6 +40,9 @@ class ShiftCalendar:
         self.tz_name = tz
         self.starts = tuple(sorted(starts))
         self._days: dict[date, tuple[int, ...]] = {}
+        # The last few shifts shift_of found, newest first: a board asks about the current
+        # shift on every status change, so almost every call is answered from here.
+        self._recent: list[tuple[int, int]] = []
 
     def boundaries(self, start_ms: int, end_ms: int) -> list[int]:
         """Every boundary b with one at or before start_ms and one after end_ms."""
@@ -50,14 +57,24 @@ class ShiftCalendar:
 
     def shift_of(self, ts_ms: int) -> tuple[int, int]:
         """The shift [start, end) that contains ts_ms."""
+        # Shifts do not overlap, so a remembered one that holds ts_ms is the answer.
+        for shift in self._recent:
+            if shift[0] <= ts_ms < shift[1]:
+                return shift
         bounds = self.boundaries(ts_ms, ts_ms)
         i = bisect.bisect_right(bounds, ts_ms) - 1
-        return bounds[i], bounds[i + 1]
+        shift = (bounds[i], bounds[i + 1])
+        self._recent.insert(0, shift)
+        del self._recent[_RECENT_SHIFTS:]
+        return shift
 
     def _day(self, day: date) -> tuple[int, ...]:
-        # Live status asks for the current shift on every change: remember each day's instants.
+        # Live status asks for the current shift on every change: remember each day's instants
+        # (a few hundred days at most, for a service that runs for years).
         cached = self._days.get(day)
         if cached is None:
+            if len(self._days) >= _CACHED_DAYS:
+                self._days.clear()
             cached = self._days[day] = tuple(self._instant(day, t) for t in self.starts)
         return cached
 
@@ -88,6 +105,51 @@ class ZonePeriod:
     officer_ms: int
     visits: int
     dosed_visits: int
+
+
+def shift_period(
+    zone_id: str,
+    qualified: Sequence[tuple[int, int]],
+    target_ms: int,
+    start: int,
+    end: int,
+) -> ZonePeriod:
+    """The row `zone_periods` would give for the shift [start, end) (one of the calendar's
+    shifts, as `shift_of` returns them), or that shift with zeros if it would give none: a
+    live status needs only this one.
+
+    One pass, merging as it goes. An interval that ends before the shift starts is skipped: it
+    adds to none of the shift's totals and merges nothing that starts in the shift."""
+    presence = officer = visits = dosed = 0
+    run_start = run_end = _BEFORE_ALL  # the merged run so far
+    ordered = sorted(qualified)
+    ordered.append(_AFTER_ALL)  # closes the last run
+    for s, e in ordered:
+        if e < start:
+            continue
+        if s < end and e > start:
+            officer += (e if e < end else end) - (s if s > start else start)
+        if s <= run_end:  # overlaps or touches the run: one presence
+            if e > run_end:
+                run_end = e
+            continue
+        # The run is complete. Like zone_periods: presence clipped to the shift, and a visit
+        # (dosed by its whole length) of the shift it starts in.
+        if run_end > start and run_start < end:
+            presence += (run_end if run_end < end else end) - (
+                run_start if run_start > start else start
+            )
+        if start <= run_start < end:
+            visits += 1
+            if run_end - run_start >= target_ms:
+                dosed += 1
+        run_start, run_end = s, e
+    # zone_periods leaves out a shift with no presence and no visit; all four are 0 then.
+    return ZonePeriod(zone_id, start, end, presence, officer, visits, dosed)
+
+
+_BEFORE_ALL = -(1 << 62)  # epoch ms before and after any time (years 1 to 9999)
+_AFTER_ALL = (1 << 62, 1 << 62)
 
 
 def zone_periods(
