@@ -20,7 +20,6 @@ from services.dosage.core.events import (
     period_row,
     status_cloudevent,
     visit_cloudevent,
-    visit_row,
 )
 from services.dosage.core.params import DosageParams
 from services.dosage.core.periods import zone_periods
@@ -181,25 +180,34 @@ def run_replay(
         raise ReplayError(f"cannot open {exc.filename}: {exc.strerror}") from None
 
     summary = ReplaySummary(zones=len(zones))
-    ended: list[VisitEvent] = []
+    # Each ended visit with its visits.jsonl line, keyed for sorting (the arrival number keeps
+    # equal keys in arrival order, as a stable sort would, and the events are never compared).
+    ended: list[tuple[int, str, str, int, VisitEvent, bytes]] = []
     with (
         source,
         (out_dir / "events.jsonl").open("wb") as events_out,
         (out_dir / "rejected.jsonl").open("wb") as rejected_out,
     ):
+        uri = settings.source
+        dumps, newline = orjson.dumps, orjson.OPT_APPEND_NEWLINE
+        visit_ended = VisitEventKind.ENDED
 
         def emit(events: list[VisitEvent]) -> None:
+            lines: list[bytes] = []
             for e in events:
-                _write(events_out, visit_cloudevent(e, settings.source))
-                summary.events += 1
-                if e.kind is VisitEventKind.ENDED:
-                    ended.append(e)
+                doc = visit_cloudevent(e, uri)
+                lines.append(dumps(doc, option=newline))
+                if e.kind is visit_ended:
+                    # visits.jsonl has the row the event carries as its data: encode it now.
+                    row = dumps(doc["data"], option=newline)
+                    ended.append((e.started_at, e.unit_id, e.zone_id, len(ended), e, row))
                 # The board follows the stream clock, as the live dosage service follows its
                 # partition clock, so time-driven changes come out when they happen: apply moves
                 # it to the event's clock (never behind its time) first.
                 for change in board.apply(e):
-                    _write(events_out, status_cloudevent(change, settings.source))
-                    summary.events += 1
+                    lines.append(dumps(status_cloudevent(change, uri), option=newline))
+            events_out.writelines(lines)
+            summary.events += len(lines)
 
         # Pings waiting for a full batch, as columns (unit_id, ts, lon, lat, accuracy_m).
         columns = PingColumns([], [], [], [], [], [])
@@ -255,19 +263,17 @@ def run_replay(
         flush(everything=True)
         emit(tracker.finish())
 
-    ended.sort(key=lambda e: (e.started_at, e.unit_id, e.zone_id))
+    ended.sort()
     qualified: dict[str, list[tuple[int, int]]] = {}
     with (out_dir / "visits.jsonl").open("wb") as visits_out:
-        for e in ended:
-            _write(visits_out, visit_row(e))
-            summary.end_reasons[str(e.end_reason)] = (
-                summary.end_reasons.get(str(e.end_reason), 0) + 1
-            )
-            summary.qualified += e.qualified
-            summary.target_met += e.target_met
-            summary.overstay += e.overstay
-            if e.qualified:
-                qualified.setdefault(e.zone_id, []).append((e.started_at, e.last_in))
+        visits_out.writelines([row for *_, row in ended])
+    for *_, e, _row in ended:
+        summary.end_reasons[str(e.end_reason)] = summary.end_reasons.get(str(e.end_reason), 0) + 1
+        summary.qualified += e.qualified
+        summary.target_met += e.target_met
+        summary.overstay += e.overstay
+        if e.qualified:
+            qualified.setdefault(e.zone_id, []).append((e.started_at, e.last_in))
     with (out_dir / "zone_periods.jsonl").open("wb") as periods_out:
         for zone_id in sorted(qualified):
             target = index.rules[index.position[zone_id]].target_ms
