@@ -599,8 +599,20 @@ async def _table(pool: asyncpg.Pool) -> list[tuple[int, str]]:
     return [(r["seq"], r["hash"]) for r in rows]
 
 
+async def _settled(pool: asyncpg.Pool, quiet_s: float = 1.0) -> None:
+    """Until the audit log stops growing: the stack's own services append to it too (the
+    zones' dosewatch.zone.changed, after their trip through Kafka), later on a loaded machine."""
+    last, since = await _table(pool), time.monotonic()
+    while time.monotonic() - since < quiet_s:
+        await asyncio.sleep(0.2)
+        now = await _table(pool)
+        if now != last:
+            last, since = now, time.monotonic()
+
+
 async def _audit_scenario(kafka_bootstrap: str, database_url: str, topic_prefix: str) -> None:
     async with api_stack(kafka_bootstrap, database_url, topic_prefix, heartbeat_s=0.5) as st:
+        await _settled(st.pool)
 
         async def add(n: int, tag: str) -> None:
             async with st.pool.acquire() as conn:
@@ -621,6 +633,7 @@ async def _audit_scenario(kafka_bootstrap: str, database_url: str, topic_prefix:
             table = await _table(st.pool)
             got += await audit_rows(c, table[-1][0])
         await add(5, "offline")
+        await _settled(st.pool)
         async with _open(st, f"/v1/ws/audit?after={got[-1]['seq']}", "admin") as c:
             table = await _table(st.pool)
             got += await audit_rows(c, table[-1][0])
