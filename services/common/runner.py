@@ -33,7 +33,9 @@ async def run_service(service: Service) -> None:
     waiter = asyncio.create_task(stop.wait())
     done, _ = await asyncio.wait({work, waiter}, return_when=asyncio.FIRST_COMPLETED)
     work.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
+    # A run() that crashed is reported below, after stop(): its clients still get closed
+    # (the group learns at once that this member left, not after a session timeout).
+    with contextlib.suppress(asyncio.CancelledError, Exception):
         await work
     waiter.cancel()
     await service.stop()
