@@ -16,7 +16,6 @@ import asyncio
 import os
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -29,11 +28,12 @@ from aiokafka import AIOKafkaProducer
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench._city import patrol, save, table, zone_specs
+from bench._stack import embedded_stack, wait_ready
 from bench.pipeline import broker_cpu, cpu_seconds
 from dosewatch.demo import make_zones
 from schemas.timefmt import format_ts
 from services.common import db, kafka
-from services.common.embedded import EmbeddedKafka, EmbeddedPostgres, free_port
+from services.common.embedded import EmbeddedKafka, free_port
 from services.common.settings import CommonSettings
 from services.common.zonestore import import_zones
 
@@ -96,13 +96,7 @@ async def run(
     )  # fmt: skip
     try:
         async with httpx.AsyncClient() as client:
-            while True:
-                try:
-                    if (await client.get(f"http://127.0.0.1:{port}/readyz")).status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    pass
-                await asyncio.sleep(0.05)
+            await wait_ready(client, port, proc)
             spy = None
             if profile is not None:  # py-spy (not a dependency): collapsed stacks for a flamegraph
                 spy = subprocess.Popen(["py-spy", "record", "-p", str(proc.pid), "-r", "200",
@@ -157,23 +151,12 @@ async def measure(
     profile: Path | None = None,
 ) -> list[dict[str, Any]]:  # fmt: skip
     """One row per zone count, each on fresh topics (see docs/performance.md on the broker)."""
-    state = Path(tempfile.mkdtemp(prefix="dosewatch-bench-"))
-    state.chmod(0o755)
-    broker = EmbeddedKafka(free_port())
-    await broker.start()
-    pg = EmbeddedPostgres(state / "pgdata", free_port())
-    await pg.start()
-    url = pg.url.rsplit("/", 1)[0] + "/bench"
-    await db.ensure_database(url)
-    rows = []
-    try:
-        for i, zones in enumerate(zone_counts):
-            rows.append(await run(zones, units, pings, broker, url, f"gs{i}.", state, partitions,
-                                  profile))  # fmt: skip
-    finally:
-        await pg.stop()
-        await broker.stop()
-    return rows
+    async with embedded_stack() as st:
+        return [
+            await run(zones, units, pings, st.broker, st.url, f"gs{i}.", st.state, partitions,
+                      profile)
+            for i, zones in enumerate(zone_counts)
+        ]  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -44,6 +44,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench._city import save, table
+from bench._stack import wait_ready
 from schemas.timefmt import format_ts, parse_ts
 from services.common.embedded import EmbeddedKafka, free_port
 from services.common.kafka import BatchProducer
@@ -270,15 +271,10 @@ async def run_service(
 
     try:
         async with httpx.AsyncClient() as client:
-            while True:
-                try:
-                    if (await client.get(f"http://127.0.0.1:{port}/readyz")).status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    pass
-                if proc.poll() is not None:
-                    raise RuntimeError(f"the service exited; see {log}")
-                await asyncio.sleep(0.2)
+            try:
+                await wait_ready(client, port, proc)
+            except RuntimeError as exc:
+                raise RuntimeError(f"{exc}; see {log}") from None
         await producer.start()
         await consumer.start()
         watcher = asyncio.create_task(watch())

@@ -16,11 +16,11 @@ import asyncio
 import os
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import httpx
 import numpy as np
 import orjson
@@ -29,6 +29,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench._city import save, table
+from bench._stack import Stack, embedded_stack, wait_ready
 from dosewatch.demo import make_zones
 from schemas.timefmt import format_ts, parse_ts
 from services.common import db
@@ -243,14 +244,7 @@ async def start_services(
         )  # fmt: skip
     async with httpx.AsyncClient() as client:
         for name in SERVICES:
-            while True:
-                try:
-                    r = await client.get(f"http://127.0.0.1:{ports[name]}/readyz")
-                    if r.status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    pass
-                await asyncio.sleep(0.2)
+            await wait_ready(client, ports[name], procs[name])
     return procs, ports
 
 
@@ -263,53 +257,45 @@ async def main() -> None:
     parser.add_argument("--interval", type=float, default=1.0, help="s between a unit's pings")
     parser.add_argument("--units", type=int, default=0, help="default: rate x interval")
     args = parser.parse_args()
-    state = Path(tempfile.mkdtemp(prefix="dosewatch-bench-"))
-    state.chmod(0o755)
-    broker = EmbeddedKafka(free_port())
-    await broker.start()
-    pg = EmbeddedPostgres(state / "pgdata", free_port())
-    await pg.start()
-    url = pg.url.rsplit("/", 1)[0] + "/bench"
-    await db.ensure_database(url)
-    import asyncpg
+    async with embedded_stack() as st:
+        rows = await run_rates(args, st)
+    print()
+    print(table(rows, [(k, k) for k in rows[0]]))
+    print(f"results: {save('pipeline', rows)}")
 
+
+async def run_rates(args: argparse.Namespace, st: Stack) -> list[dict[str, Any]]:
     rates = [int(r) for r in args.rates.split(",")]
     # Each rate patrols its own zones: latency is sampled on a zone's first arrival (the
     # due -> active change), which a zone patrolled by an earlier rate would not show again.
     features = make_zones(3, args.zones * len(rates), box_km=30.0)
-    conn = await asyncpg.connect(url)
+    conn = await asyncpg.connect(st.url)
     await db.migrate(conn)
     await import_zones(conn, {"type": "FeatureCollection", "features": features})
     await conn.close()
     env = dict(os.environ) | {
-        "DOSEWATCH_KAFKA_BOOTSTRAP": broker.bootstrap,
-        "DOSEWATCH_DATABASE_URL": url,
+        "DOSEWATCH_KAFKA_BOOTSTRAP": st.broker.bootstrap,
+        "DOSEWATCH_DATABASE_URL": st.url,
         "DOSEWATCH_LOG_LEVEL": "WARNING",
     }
-    rows = []
-    try:
-        for i, rate in enumerate(rates):
-            # Fresh topics per rate: the embedded broker's produce cost grows with the batches
-            # already in a topic (see docs/performance.md), which would charge this rate for
-            # the ones before it.
-            prefix = f"bench{i}."
-            procs, ports = await start_services(env | {"DOSEWATCH_TOPIC_PREFIX": prefix}, state)
-            try:
-                own = features[i * args.zones : (i + 1) * args.zones]
-                rows.append(await run_rate(rate, args.seconds, broker, prefix, own, procs,
-                                           args.units, args.interval, ports,
-                                           args.warmup, pg))  # fmt: skip
-            finally:
-                for p in procs.values():
-                    p.terminate()
-                    p.wait(15)
-            print(table(rows[-1:], [(k, k) for k in rows[-1]]), flush=True)
-    finally:
-        await pg.stop()
-        await broker.stop()
-    print()
-    print(table(rows, [(k, k) for k in rows[0]]))
-    print(f"results: {save('pipeline', rows)}")
+    rows: list[dict[str, Any]] = []
+    for i, rate in enumerate(rates):
+        # Fresh topics per rate: the embedded broker's produce cost grows with the batches
+        # already in a topic (see docs/performance.md), which would charge this rate for
+        # the ones before it.
+        prefix = f"bench{i}."
+        procs, ports = await start_services(env | {"DOSEWATCH_TOPIC_PREFIX": prefix}, st.state)
+        try:
+            own = features[i * args.zones : (i + 1) * args.zones]
+            rows.append(await run_rate(rate, args.seconds, st.broker, prefix, own, procs,
+                                       args.units, args.interval, ports,
+                                       args.warmup, st.pg))  # fmt: skip
+        finally:
+            for p in procs.values():
+                p.terminate()
+                p.wait(15)
+        print(table(rows[-1:], [(k, k) for k in rows[-1]]), flush=True)
+    return rows
 
 
 if __name__ == "__main__":

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import re
 import time
+from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
@@ -33,16 +35,27 @@ async def drain(bootstrap: str, topic: str, want: int, timeout_s: float = 20) ->
     return out
 
 
+@contextlib.asynccontextmanager
+async def running(settings: IngestSettings) -> AsyncIterator[AIOKafkaProducer]:
+    """The service consuming the raw topic, and a producer to write to it."""
+    service = IngestService(settings)
+    await service.start()
+    task = asyncio.create_task(service.run())
+    producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap)
+    await producer.start()
+    try:
+        yield producer
+    finally:
+        await producer.stop()
+        task.cancel()
+        await service.stop()
+
+
 def test_kafka_intake_normalises_and_dead_letters(kafka_bootstrap: str, topic_prefix: str) -> None:
     settings = IngestSettings(kafka_bootstrap=kafka_bootstrap, topic_prefix=topic_prefix)
 
     async def scenario() -> None:
-        service = IngestService(settings)
-        await service.start()
-        task = asyncio.create_task(service.run())
-        producer = AIOKafkaProducer(bootstrap_servers=kafka_bootstrap)
-        await producer.start()
-        try:
+        async with running(settings) as producer:
             raw = settings.topic_raw
             # Keyed by unit, as a gateway that cares about order sends them: unkeyed raw
             # messages may land on different partitions and come out in another order.
@@ -55,10 +68,6 @@ def test_kafka_intake_normalises_and_dead_letters(kafka_bootstrap: str, topic_pr
             await producer.send_and_wait(raw, orjson.dumps(GOOD | {"ts": 1778781620000}), key=car)
             pings = await drain(kafka_bootstrap, settings.topic_pings, 3)
             dead = await drain(kafka_bootstrap, settings.topic_dlq, 2)
-        finally:
-            await producer.stop()
-            task.cancel()
-            await service.stop()
         values = [orjson.loads(r.value) for r in pings]
         assert [v["ts"] for v in values] == [
             "2026-05-14T18:00:05.000Z",
@@ -166,19 +175,10 @@ def test_kafka_outputs_and_counters_are_the_slow_paths(
     before = [counter(n, **labels) for n, labels in names]
 
     async def scenario() -> tuple[list[Any], list[Any], list[Any]]:
-        service = IngestService(settings)
-        await service.start()
-        task = asyncio.create_task(service.run())
-        producer = AIOKafkaProducer(bootstrap_servers=kafka_bootstrap)
-        await producer.start()
-        try:
+        async with running(settings) as producer:
             sent = [await producer.send_and_wait(settings.topic_raw, r, key=b"car-1") for r in raws]
             pings = await drain(kafka_bootstrap, settings.topic_pings, 6)
             dead = await drain(kafka_bootstrap, settings.topic_dlq, 6)
-        finally:
-            await producer.stop()
-            task.cancel()
-            await service.stop()
         return pings, dead, sent
 
     pings, dead, sent = asyncio.run(scenario())

@@ -310,6 +310,27 @@ def test_non_increasing_ts_is_illegal_and_changes_nothing(
 _STEP = st.sampled_from([Where.INSIDE, Where.NEAR, Where.OUTSIDE])
 
 
+def _shortcut_agrees(
+    steps: list[tuple[Where, int]], gap: int, where: Where, shortcut: Callable[[Visit, int], bool]
+) -> None:
+    """After any history, the shortcut either leaves the visit as `observe(where)` would have,
+    having caused no moment, or refuses and changes nothing."""
+    visit = opened()
+    ts = T0
+    for step, dt in steps:
+        if not visit.is_open:
+            break
+        ts += dt + 1
+        visit.observe(step, ts, RULES, CONFIRM)
+    fast, judged = copy.copy(visit), copy.copy(visit)
+    at = ts + gap
+    if shortcut(fast, at):
+        assert list(judged.observe(where, at, RULES, CONFIRM)) == []
+        assert fast == judged
+    else:
+        assert fast == visit
+
+
 @given(
     steps=st.lists(st.tuples(_STEP, st.integers(0, 400_000)), max_size=12),
     where=st.sampled_from([Where.INSIDE, Where.NEAR]),
@@ -318,22 +339,7 @@ _STEP = st.sampled_from([Where.INSIDE, Where.NEAR, Where.OUTSIDE])
 def test_stay_does_what_observe_does_or_nothing(
     steps: list[tuple[Where, int]], where: Where, gap: int
 ) -> None:
-    """After any history, `stay` either leaves the visit as `observe(INSIDE or NEAR)` would
-    have, having caused no moment, or refuses and changes nothing."""
-    visit = opened()
-    ts = T0
-    for step, dt in steps:
-        if not visit.is_open:
-            break
-        ts += dt + 1
-        visit.observe(step, ts, RULES, CONFIRM)
-    shortcut, judged = copy.copy(visit), copy.copy(visit)
-    at = ts + gap
-    if shortcut.stay(at, RULES):
-        assert list(judged.observe(where, at, RULES, CONFIRM)) == []
-        assert shortcut == judged
-    else:
-        assert shortcut == visit
+    _shortcut_agrees(steps, gap, where, lambda v, at: v.stay(at, RULES))
 
 
 def test_stay_takes_the_common_ping_and_leaves_moments_to_observe() -> None:
@@ -353,20 +359,7 @@ def test_stay_takes_the_common_ping_and_leaves_moments_to_observe() -> None:
 def test_away_does_what_observe_outside_does_or_nothing(
     steps: list[tuple[Where, int]], gap: int
 ) -> None:
-    visit = opened()
-    ts = T0
-    for step, dt in steps:
-        if not visit.is_open:
-            break
-        ts += dt + 1
-        visit.observe(step, ts, RULES, CONFIRM)
-    shortcut, judged = copy.copy(visit), copy.copy(visit)
-    at = ts + gap
-    if shortcut.away(at, CONFIRM):
-        assert list(judged.observe(OUT, at, RULES, CONFIRM)) == []
-        assert shortcut == judged
-    else:
-        assert shortcut == visit
+    _shortcut_agrees(steps, gap, OUT, lambda v, at: v.away(at, CONFIRM))
 
 
 def test_away_takes_pings_while_an_exit_waits_and_leaves_the_confirming_one() -> None:
