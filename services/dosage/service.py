@@ -179,10 +179,16 @@ class DosageService(StatefulService):
 
     def _changes(self, changes: list[StatusChange]) -> list[Output]:
         source = self.dsettings.source
-        return [
-            Output(audit=status_cloudevent(c, source), status=status_row(c.snapshot))
-            for c in changes
-        ]
+        out = []
+        for c in changes:
+            audit = status_cloudevent(c, source)
+            # The event's data is the status row plus previous_status, added last: the row
+            # without it is status_row(c.snapshot), not built a second time. Both are only
+            # encoded, never changed, so they may share the nested parts.
+            status = dict(audit["data"])
+            del status["previous_status"]
+            out.append(Output(audit=audit, status=status))
+        return out
 
     def _rules_of(
         self,
