@@ -186,42 +186,34 @@ class VisitTracker:
                     continue
                 usable += 1
                 lo, hi = first[i], first[i + 1]
-                if lo == hi:
-                    opened = unit.open
-                    if not opened:  # nowhere near a zone, and no visit to judge
-                        unit.last_usable = t
-                        continue
-                    if (
-                        len(opened) == 1
-                        and (prev is None or t - prev <= max_gap)
-                        and clock - t <= max_gap
-                        and next(iter(opened.values())).away(t, confirm)
-                    ):
-                        # Gone from the zone and still waiting out the exit confirmation.
-                        unit.last_usable = t
-                        if unit_id not in watched:
-                            watched.add(unit_id)
-                            heapq.heappush(watch, (t, unit_id))
-                        continue
-                    here = nowhere
-                else:
-                    opened = unit.open
-                    if (
-                        hi - lo == 1
-                        and len(opened) == 1
-                        and (prev is None or t - prev <= max_gap)
-                        and clock - t <= max_gap
-                    ):
-                        # A unit staying in the one zone it is visiting: most pings of a
-                        # patrol's stop. No event; the visit's times move on.
+                opened = unit.open
+                if lo == hi and not opened:  # nowhere near a zone, and no visit to judge
+                    unit.last_usable = t
+                    continue
+                # The commonest pings of a patrol: staying in the one zone the unit visits,
+                # or gone from it while its exit waits for confirmation. No event; only the
+                # visit's times move (Visit.stay and Visit.away, observe's shortcuts).
+                kept = False
+                if (
+                    len(opened) == 1
+                    and (prev is None or t - prev <= max_gap)
+                    and clock - t <= max_gap
+                ):
+                    if lo == hi:
+                        kept = next(iter(opened.values())).away(t, confirm)
+                    elif hi - lo == 1:
                         zone_id = zone_ids[hit_zone[lo]]
                         visit = opened.get(zone_id)
-                        if visit is not None and visit.stay(t, rules_by_id[zone_id]):
-                            unit.last_usable = t
-                            if unit_id not in watched:
-                                watched.add(unit_id)
-                                heapq.heappush(watch, (t, unit_id))
-                            continue
+                        kept = visit is not None and visit.stay(t, rules_by_id[zone_id])
+                if kept:
+                    unit.last_usable = t
+                    if unit_id not in watched:
+                        watched.add(unit_id)
+                        heapq.heappush(watch, (t, unit_id))
+                    continue
+                if lo == hi:
+                    here = nowhere
+                else:
                     here = {zone_ids[hit_zone[k]]: hit_inside[k] for k in range(lo, hi)}
                 self._usable(unit_id, unit, t, prev, here, out)
         finally:
