@@ -81,14 +81,9 @@ class FastPings:
 
     def read(self, line: bytes) -> PingFields | None:
         """The fields the `Ping` model would hold for this line, or None."""
-        try:
-            p = self._one(line)
-        except _DECODE_ERRORS:
-            return None
-        if p.unit_id not in self._units and not self._new_unit(p.unit_id):
-            return None
-        ts = self._ts(p.ts)
-        if ts is None:
+        p = self._decoded(line)
+        ts = None if p is None else self._ts(p.ts)
+        if p is None or ts is None:
             return None
         return p.unit_id, ts, p.lon, p.lat, p.accuracy_m
 
@@ -97,25 +92,21 @@ class FastPings:
 
         The values are the model's own: a JSON integer in a float field is a float (as strict
         pydantic makes it), and `ts` is epoch milliseconds."""
+        p = self._decoded(raw)
+        ts = None if p is None else self._ts(p.ts)
+        if p is None or ts is None:
+            return None
+        return p.unit_id, ts, p.lat, p.lon, p.accuracy_m, p.speed_mps, p.heading_deg, p.source
+
+    def _decoded(self, raw: bytes) -> _WirePing | None:
+        """One message decoded and range-checked, with a valid unit id; else None."""
         try:
             p = self._one(raw)
         except _DECODE_ERRORS:
             return None
         if p.unit_id not in self._units and not self._new_unit(p.unit_id):
             return None
-        value = p.ts
-        ts: int | None = None
-        if type(value) is str and len(value) == 24:
-            # The canonical form, its second seen before (nearly every ping): two dict lookups.
-            millis = _MILLIS.get(value[19:])
-            second = self._seconds.get(value[:19]) if millis is not None else None
-            if second is not None and millis is not None:
-                ts = second + millis
-        if ts is None:
-            ts = self._ts(value)
-            if ts is None:
-                return None
-        return p.unit_id, ts, p.lat, p.lon, p.accuracy_m, p.speed_mps, p.heading_deg, p.source
+        return p
 
     def read_lines(self, lines: list[bytes]) -> PingColumns:
         """`read` for a run of lines, as columns."""
