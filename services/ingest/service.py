@@ -55,7 +55,8 @@ class IngestService:
         self._consumer: AIOKafkaConsumer | None = None
         self._out: kafka.BatchProducer | None = None
         # Well-formed single pings the fast way; every other message by the rules, guarded.
-        self._normaliser = FastNormaliser(functools.partial(_guarded, normalise_message))
+        self._rules = functools.partial(_guarded, normalise_message)
+        self._normaliser = FastNormaliser(self._rules)
         self.http = HttpServer(self.app(), settings.http_host, settings.http_port)
 
     async def start(self) -> None:
@@ -127,7 +128,7 @@ class IngestService:
             return self._normaliser.batch(raws, limits)
         except Exception:
             log.exception("fast normalising failed; the batch goes the slow way")
-        return normalise_each(raws, limits, functools.partial(_guarded, normalise_message))
+        return normalise_each(raws, limits, self._rules)
 
     async def _publish(
         self,
@@ -183,7 +184,7 @@ class IngestService:
             if fast is not None:  # one well-formed ping: the common case
                 key, value, ts = fast
                 return await self._intake([(key, value)], [ts], [], body, "http")
-            ok, bad = _guarded(normalise_message, body, limits)
+            ok, bad = self._rules(body, limits)
             if len(ok) + len(bad) > self.settings.max_pings_per_request:
                 return _problem(413, f"over {self.settings.max_pings_per_request} pings")
             if bad and bad[0].errors[0].field == "(message)":
