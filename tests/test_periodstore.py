@@ -13,7 +13,7 @@ import asyncpg
 from schemas.timefmt import ms_to_datetime
 from services.common import db
 from services.dosage.core.periods import ShiftCalendar, parse_shift_starts, zone_periods
-from services.dosage.periodstore import refresh_periods, refresh_zone_periods
+from services.dosage.periodstore import refresh_periods
 
 CAL = ShiftCalendar("America/New_York", parse_shift_starts("07:00,15:00,23:00"))
 T = int(datetime(2026, 5, 14, 18, 50, tzinfo=UTC).timestamp() * 1000)  # 14:50 in New York
@@ -34,7 +34,7 @@ async def close_visits(url: str, visits: list[tuple[int, int]]) -> list[tuple[ob
                 "INSERT INTO visits VALUES ($1, 'Z', $2, $3, $4, 'exited', true, false, false)",
                 f"u{n}", dt(start), dt(end), (end - start) / 1000,
             )  # fmt: skip
-            await refresh_zone_periods(conn, "Z", start, end, TARGET, CAL)
+            await refresh_periods(conn, [("Z", start, end, TARGET)], CAL)
         rows = await conn.fetch(
             "SELECT period_start, presence_s, officer_s, visits, dosed_visits FROM zone_periods "
             "WHERE zone_id = 'Z' ORDER BY period_start"

@@ -14,18 +14,6 @@ from services.dosage.core.periods import ShiftCalendar, ZonePeriod, merge_interv
 Closed = tuple[str, int, int, int]
 
 
-async def refresh_zone_periods(
-    conn: asyncpg.Connection,
-    zone_id: str,
-    start_ms: int,
-    end_ms: int,
-    target_ms: int,
-    calendar: ShiftCalendar,
-) -> None:
-    """`refresh_periods` for one visit."""
-    await refresh_periods(conn, [(zone_id, start_ms, end_ms, target_ms)], calendar)
-
-
 async def refresh_periods(
     conn: asyncpg.Connection, closed: Sequence[Closed], calendar: ShiftCalendar
 ) -> None:
