@@ -27,6 +27,11 @@ from services.common.metrics import CONSUMER_LAG, DB_RETRIES
 from services.common.settings import CommonSettings
 
 log = logging.getLogger(__name__)
+# A save's {partition: {key: value}} document ($3) as rows (p, k, v).
+_ROWS = (
+    "(SELECT p.key::int AS p, u.key AS k, u.value AS v "
+    "FROM jsonb_each($3::jsonb) AS p, jsonb_each(p.value) AS u) AS s"
+)
 
 
 class _Listener(kafka.ConsumerRebalanceListener):  # type: ignore[misc]
@@ -286,35 +291,25 @@ class StatefulService(abc.ABC):
         async def tx() -> None:
             async with pool.acquire() as conn, conn.transaction():
                 await self.write(conn, outputs)
-                # One statement per kind over arrays, not a round of executemany per row:
-                # a commit interval can carry thousands of units' state.
-                parts, keys, values = [], [], []
-                gone_parts, gone_keys = [], []
-                for p, rows in state.items():
-                    for key, value in rows.items():
-                        if value is None:
-                            gone_parts.append(p)
-                            gone_keys.append(key)
-                        else:
-                            parts.append(p)
-                            keys.append(key)
-                            values.append(orjson.dumps(value).decode())
-                if keys:
+                # The whole save's state as one JSON document, split back into rows by
+                # PostgreSQL: one orjson call here instead of a dumps per unit (a commit
+                # interval carries about one unit per ping). A null value deletes its key.
+                if any(state.values()):
+                    doc = orjson.dumps(state, option=orjson.OPT_NON_STR_KEYS).decode()
                     await conn.execute(
                         "INSERT INTO partition_state (consumer, topic, partition, key, value) "
-                        "SELECT $1, $2, p, k, v::jsonb "
-                        "FROM unnest($3::int[], $4::text[], $5::text[]) AS t(p, k, v) "
+                        f"SELECT $1, $2, p, k, v FROM {_ROWS} WHERE v <> 'null'::jsonb "
                         "ON CONFLICT (consumer, topic, partition, key) "
                         "DO UPDATE SET value = EXCLUDED.value",
-                        self.name, self.topic, parts, keys, values,
+                        self.name, self.topic, doc,
                     )  # fmt: skip
-                if gone_keys:
-                    await conn.execute(
-                        "DELETE FROM partition_state s USING unnest($3::int[], $4::text[]) "
-                        "AS t(p, k) WHERE s.consumer = $1 AND s.topic = $2 "
-                        "AND s.partition = t.p AND s.key = t.k",
-                        self.name, self.topic, gone_parts, gone_keys,
-                    )  # fmt: skip
+                    if any(None in rows.values() for rows in state.values()):
+                        await conn.execute(
+                            f"DELETE FROM partition_state t USING {_ROWS} "
+                            "WHERE v = 'null'::jsonb AND t.consumer = $1 AND t.topic = $2 "
+                            "AND t.partition = p AND t.key = k",
+                            self.name, self.topic, doc,
+                        )  # fmt: skip
                 if offsets:
                     await conn.executemany(
                         "INSERT INTO consumer_offsets (consumer, topic, partition, next_offset) "
