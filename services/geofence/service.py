@@ -268,7 +268,7 @@ class GeofenceService(StatefulService):
         tracker = self.trackers.get(partition)
         if tracker is None:
             return {}
-        rows: dict[str, Any] = {u: tracker.export_unit(u) for u in tracker.dirty}
+        rows: dict[str, Any] = tracker.export_units(tracker.dirty)
         tracker.dirty.clear()
         rows[META] = tracker.export_meta()
         now = time.monotonic()
