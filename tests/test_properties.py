@@ -282,6 +282,24 @@ def test_replay_is_deterministic_and_independent_of_batch_size(sc: Scenario) -> 
 
 
 @PROPS
+@given(scenarios(), st.sampled_from([1, 7, 64]))
+def test_the_trackers_shortcuts_change_nothing(sc: Scenario, batch: int) -> None:
+    """`process_columns` takes the commonest pings without the full rules; with its shortcuts
+    off, every usable ping goes through them, and the events, stats and state are the same."""
+    runs = []
+    for shortcuts in (True, False):
+        tracker = tracker_for(sc.params)
+        tracker.shortcuts = shortcuts
+        events: list[VisitEvent] = []
+        for i in range(0, len(sc.fixes), batch):
+            events += tracker.process(sc.fixes[i : i + batch])
+        saved = tracker.export_units(sorted(tracker.units))
+        events += tracker.finish()
+        runs.append((events, tracker.stats, saved))
+    assert runs[0] == runs[1]
+
+
+@PROPS
 @given(scenarios())
 def test_stats_account_for_every_ping(sc: Scenario) -> None:
     _, stats = replay(sc.fixes, sc.params, 5)

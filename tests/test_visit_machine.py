@@ -349,7 +349,10 @@ def test_stay_takes_the_common_ping_and_leaves_moments_to_observe() -> None:
     assert not visit.stay(T0 + RULES.target_ms, RULES)  # target met: a moment
     assert not visit.stay(T0 + 10_000, RULES)  # not after the previous ping
     visit.observe(OUT, T0 + 20_000, RULES, CONFIRM)
-    assert not visit.stay(T0 + 30_000, RULES)  # exit pending: observe brings it back
+    assert visit.stay(T0 + 30_000, RULES)  # back in while its exit waited
+    assert (visit.state, visit.out_since, visit.last_in) == (VisitState.OPEN, None, T0 + 30_000)
+    visit.close(EndReason.EXITED)
+    assert not visit.stay(T0 + 40_000, RULES)  # closed: observe refuses
 
 
 @given(
@@ -364,8 +367,10 @@ def test_away_does_what_observe_outside_does_or_nothing(
 
 def test_away_takes_pings_while_an_exit_waits_and_leaves_the_confirming_one() -> None:
     visit = opened()
-    assert not visit.away(T0 + 10_000, CONFIRM)  # open: observe starts the wait
-    visit.observe(OUT, T0 + 10_000, RULES, CONFIRM)
+    assert visit.away(T0 + 10_000, CONFIRM)  # open: its exit starts waiting
+    assert (visit.state, visit.out_since, visit.last_in) == (
+        VisitState.EXIT_PENDING, T0 + 10_000, T0,
+    )  # fmt: skip
     assert visit.away(T0 + 20_000, CONFIRM) and visit.last_seen == T0 + 20_000
     assert not visit.away(T0 + 10_000 + CONFIRM, CONFIRM)  # this one confirms the exit
     assert visit.state is VisitState.EXIT_PENDING

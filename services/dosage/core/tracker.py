@@ -117,6 +117,9 @@ class VisitTracker:
         # Units whose state changed since the owner last saved it (live services persist these).
         self.dirty: set[str] = set()
         self._reshaped: set[tuple[str, str]] = set()  # restored visits on an older zone shape
+        # False sends every usable ping through the full rules: tests hold the shortcuts of
+        # `process_columns` to them.
+        self.shortcuts = True
 
     # -- input -------------------------------------------------------------------------------
 
@@ -158,6 +161,7 @@ class VisitTracker:
         watch, watched = self._watch, self._watched
         rules_by_id = self.index.rules_by_id
         max_gap, max_accuracy, confirm = self._max_gap, self._max_accuracy, self._confirm
+        shortcuts = self.shortcuts
         usable = low_accuracy = duplicate = late = i = 0  # counted here, added up at the end
         try:
             for i in range(n):
@@ -187,32 +191,38 @@ class VisitTracker:
                 usable += 1
                 lo, hi = first[i], first[i + 1]
                 opened = unit.open
-                if lo == hi and not opened:  # nowhere near a zone, and no visit to judge
-                    unit.last_usable = t
-                    continue
-                # The commonest pings of a patrol: staying in the one zone the unit visits,
-                # or gone from it while its exit waits for confirmation. No event; only the
-                # visit's times move (Visit.stay and Visit.away, observe's shortcuts).
-                kept = False
-                if (
-                    len(opened) == 1
-                    and (prev is None or t - prev <= max_gap)
-                    and clock - t <= max_gap
-                ):
-                    if lo == hi:
-                        kept = next(iter(opened.values())).away(t, confirm)
-                    elif hi - lo == 1:
-                        zone_id = zone_ids[hit_zone[lo]]
-                        visit = opened.get(zone_id)
-                        kept = visit is not None and visit.stay(t, rules_by_id[zone_id])
-                if kept:
-                    unit.last_usable = t
-                    if unit_id not in watched:
-                        watched.add(unit_id)
-                        heapq.heappush(watch, (t, unit_id))
-                    continue
+                if shortcuts:
+                    if not opened and (lo == hi or (hi - lo == 1 and not hit_inside[lo])):
+                        unit.last_usable = t  # no visit to judge, and none to open
+                        continue
+                    # The commonest pings of a patrol: in (or back in) the one zone the unit
+                    # visits, or gone from it while its exit waits for confirmation. No event;
+                    # only the visit moves (Visit.stay and Visit.away, observe's shortcuts).
+                    kept = False
+                    if (
+                        len(opened) == 1
+                        and (prev is None or t - prev <= max_gap)
+                        and clock - t <= max_gap
+                    ):
+                        if lo == hi:
+                            kept = next(iter(opened.values())).away(t, confirm)
+                        elif hi - lo == 1:
+                            zone_id = zone_ids[hit_zone[lo]]
+                            visit = opened.get(zone_id)
+                            if visit is not None:
+                                kept = visit.stay(t, rules_by_id[zone_id])
+                            elif not hit_inside[lo]:  # only near another zone: gone from this
+                                kept = next(iter(opened.values())).away(t, confirm)
+                    if kept:
+                        unit.last_usable = t
+                        if unit_id not in watched:
+                            watched.add(unit_id)
+                            heapq.heappush(watch, (t, unit_id))
+                        continue
                 if lo == hi:
                     here = nowhere
+                elif hi - lo == 1:  # a display, not a comprehension (a frame of its own)
+                    here = {zone_ids[hit_zone[lo]]: hit_inside[lo]}
                 else:
                     here = {zone_ids[hit_zone[k]]: hit_inside[k] for k in range(lo, hi)}
                 self._usable(unit_id, unit, t, prev, here, out)

@@ -121,30 +121,32 @@ class Visit:
         return _NOTHING
 
     def stay(self, ts: int, rules: ZoneRules) -> bool:
-        """`observe(INSIDE or NEAR, ...)` for the most common ping of all, one that finds an
-        open visit open and causes no moment, without building an answer. Anything else
-        (and any ping `observe` would refuse) changes nothing here and returns False: the
-        caller then asks `observe`."""
-        if self.state is not VisitState.OPEN or ts <= self.last_seen:
+        """`observe(INSIDE or NEAR, ...)` for the most common ping of all, one that finds the
+        unit in (or back in) the zone and causes no moment, without building an answer.
+        Anything else (and any ping `observe` would refuse) changes nothing here and returns
+        False: the caller then asks `observe`."""
+        if self.state is VisitState.CLOSED or ts <= self.last_seen:
             return False
         duration = ts - self.started_at
         if (not self.target_reported and duration >= rules.target_ms) or (
             not self.overstay_reported and duration > rules.max_visit_ms
         ):
             return False
+        self.state = VisitState.OPEN
+        self.out_since = None
         self.last_in = self.last_seen = ts
         return True
 
     def away(self, ts: int, exit_confirm_ms: int) -> bool:
-        """`observe(OUTSIDE, ...)` for a visit already waiting out its exit confirmation, when
-        this ping does not confirm it: only `last_seen` moves. Otherwise False, unchanged."""
-        if (
-            self.state is not VisitState.EXIT_PENDING
-            or ts <= self.last_seen
-            or self.out_since is None
-            or ts - self.out_since >= exit_confirm_ms
-        ):
+        """`observe(OUTSIDE, ...)` for a ping that does not confirm the exit: the visit's exit
+        starts (or goes on) waiting for confirmation. Otherwise False, unchanged."""
+        if self.state is VisitState.CLOSED or ts <= self.last_seen:
             return False
+        out_since = ts if self.out_since is None else self.out_since
+        if ts - out_since >= exit_confirm_ms:
+            return False
+        self.state = VisitState.EXIT_PENDING
+        self.out_since = out_since
         self.last_seen = ts
         return True
 
