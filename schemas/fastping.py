@@ -106,6 +106,8 @@ class FastPings:
             return None
         if p.unit_id not in self._units and not self._new_unit(p.unit_id):
             return None
+        if p.lat == 0.0 and p.lon == 0.0:  # null island: the model refuses it
+            return None
         return p
 
     def read_lines(self, lines: list[bytes]) -> PingColumns:
@@ -155,14 +157,11 @@ class FastPings:
                 ts.append(t)
         if unread:
             return self._line_by_line(lines)
-        return PingColumns(
-            units,
-            ts,
-            [p.lon for p in pings],
-            [p.lat for p in pings],
-            [p.accuracy_m for p in pings],
-            unread,
-        )
+        lon = [p.lon for p in pings]
+        lat = [p.lat for p in pings]
+        if 0.0 in lat and any(y == 0.0 and x == 0.0 for x, y in zip(lon, lat, strict=True)):
+            return self._line_by_line(lines)  # null island: the model refuses it
+        return PingColumns(units, ts, lon, lat, [p.accuracy_m for p in pings], unread)
 
     def _line_by_line(self, lines: list[bytes]) -> PingColumns:
         out = PingColumns([], [], [], [], [], [])

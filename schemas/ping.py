@@ -12,11 +12,13 @@ from pydantic import (
     PlainSerializer,
     ValidationError,
     WithJsonSchema,
+    model_validator,
 )
 
 from schemas.timefmt import format_ts, parse_ts
 
 UNIT_ID_PATTERN = r"^[A-Za-z0-9._:-]{1,64}$"
+NULL_ISLAND = "lat and lon are both 0: a GPS receiver's output without a fix, not a position"
 
 EpochMillis = Annotated[
     int,
@@ -50,6 +52,13 @@ class Ping(BaseModel):
     speed_mps: Annotated[float, Field(ge=0.0, allow_inf_nan=False)] | None = None
     heading_deg: Annotated[float, Field(ge=0.0, lt=360.0, allow_inf_nan=False)] | None = None
     source: str | None = None
+
+    @model_validator(mode="after")
+    def _not_null_island(self) -> Ping:
+        # Receivers without a fix send 0,0; taken as a position it would end a visit early.
+        if self.lat == 0.0 and self.lon == 0.0:
+            raise ValueError(NULL_ISLAND)
+        return self
 
 
 class PingError(BaseModel):

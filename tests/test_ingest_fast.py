@@ -81,6 +81,10 @@ CASES: list[tuple[str, bytes, bool]] = [
     ("heading 360", ping(',"heading_deg":360'), False),
     ("lat 91 then 40", ping(',"lat":91,"lat":40'), False),
     ("lat 40 then 41", ping(',"lat":41'), True),
+    ("null island", b'{"unit_id":"u","ts":0,"lat":0,"lon":0}', False),
+    ("null island -0.0", b'{"unit_id":"u","ts":0,"lat":-0.0,"lon":0.0}', False),
+    ("equator", b'{"unit_id":"u","ts":0,"lat":0,"lon":-74}', True),
+    ("prime meridian", b'{"unit_id":"u","ts":0,"lat":51.5,"lon":0}', True),
     ("offset", b'{"unit_id":"u","ts":"2026-05-14T13:00:05.25-05:00","lat":1,"lon":2}', True),
     (
         "9 fraction digits",

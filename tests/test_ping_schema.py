@@ -65,6 +65,8 @@ def test_serialises_ts_as_rfc3339_utc_millis() -> None:
         ({"heading_deg": 360}, "heading_deg", "less than 360"),
         ({"source": 5}, "source", "string"),
         ({"altitude": 12}, "altitude", "unknown field"),
+        ({"lat": 0, "lon": 0}, "(ping)", "without a fix"),  # null island
+        ({"lat": -0.0, "lon": 0.0}, "(ping)", "without a fix"),
     ],
 )
 def test_invalid_pings_name_field_and_reason(
@@ -104,3 +106,6 @@ def test_optional_fields_accept_boundaries_and_null() -> None:
     )
     assert isinstance(ping, Ping)
     assert validate_ping(BASE | {"accuracy_m": None}) == Ping.model_validate(BASE)
+    # Only both at once is null island: the equator and the prime meridian are places.
+    assert isinstance(validate_ping(BASE | {"lat": 0.0}), Ping)
+    assert isinstance(validate_ping(BASE | {"lat": 0.0, "lon": 1e-9}), Ping)

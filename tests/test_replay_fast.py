@@ -60,6 +60,9 @@ CASES: list[dict[str, Any]] = [
     {"lat": None},
     {"lat": 10**400},
     {"lat": -0.0},
+    {"lat": 0.0, "lon": 0.0},  # null island
+    {"lat": -0.0, "lon": 0},
+    {"lat": 0, "lon": 1e-300},
     {"extra": 1},
     {"accuracy_m": -1},
     {"accuracy_m": 12},
@@ -211,6 +214,8 @@ def test_read_lines_reads_each_line_as_read_does() -> None:
         "a bad time": [*good[:4], dumps(GOOD | {"ts": "2026-02-30T18:00:00.000Z"}) + b"\n"],
         "a bad unit": [*good[:4], dumps(GOOD | {"unit_id": "no spaces"}) + b"\n", *good[4:]],
         "out of range": [*good[:4], dumps(GOOD | {"lat": 90.5}) + b"\n", *good[4:]],
+        "null island": [*good[:4], dumps(GOOD | {"lat": 0, "lon": 0.0}) + b"\n", *good[4:]],
+        "on the equator": [*good[:4], dumps(GOOD | {"lat": 0.0}) + b"\n", *good[4:]],
         "odd but fine times": [
             *good[:2],
             dumps(GOOD | {"ts": "2026-05-14T18:00:05+02:00"}) + b"\n",
@@ -226,6 +231,8 @@ def test_read_lines_reads_each_line_as_read_does() -> None:
         assert (got, read.unread) == (pings, unread), name
     assert FastPings().read_lines(runs["all good"]).unread == []
     assert FastPings().read_lines(runs["split and doubled"]).unread == [2, 3, 4]
+    assert FastPings().read_lines(runs["null island"]).unread == [4]
+    assert FastPings().read_lines(runs["on the equator"]).unread == []
 
 
 def test_sample_read_in_runs() -> None:
