@@ -7,11 +7,15 @@ from datetime import UTC, datetime, timedelta
 from functools import lru_cache
 
 # RFC 3339 demands a date, a "T" (or space is *not* allowed here), a time and an explicit offset.
-_RFC3339 = re.compile(r"^\d{4}-\d{2}-\d{2}[Tt]\d{2}:\d{2}:\d{2}(\.\d{1,9})?([Zz]|[+-]\d{2}:\d{2})$")
+# ASCII digits only: \d alone would take any script's digits, which RFC 3339 does not allow.
+_RFC3339 = re.compile(
+    r"^\d{4}-\d{2}-\d{2}[Tt]\d{2}:\d{2}:\d{2}(\.\d{1,9})?([Zz]|[+-]\d{2}:\d{2})$", re.ASCII
+)
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _MS = timedelta(milliseconds=1)
 
 
+_MILLIS = {f"{ms:03d}": ms for ms in range(1000)}  # the canonical form's ".123", ASCII only
 _MIN_MS = -62_135_596_800_000  # 0001-01-01T00:00:00.000Z
 _MAX_MS = 253_402_300_799_999  # 9999-12-31T23:59:59.999Z
 
@@ -28,11 +32,12 @@ def parse_ts(value: object) -> int:
             raise ValueError("epoch milliseconds out of range (years 1–9999)")
         return value
     if isinstance(value, str):
-        if len(value) == 24 and value[19] == "." and value[23] == "Z" and value[20:23].isdigit():
+        millis = _MILLIS.get(value[20:23]) if len(value) == 24 and value[19] == "." else None
+        if millis is not None and value[23] == "Z":
             # The canonical form every service writes: the seconds part is cached.
             seconds = _canonical_second(value[:19])
             if seconds is not None:
-                return seconds + int(value[20:23])
+                return seconds + millis
         if not _RFC3339.match(value):
             raise ValueError(
                 "must be RFC 3339 with a 'Z' or numeric offset, e.g. 2026-05-14T18:00:05.000Z"

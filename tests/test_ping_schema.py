@@ -47,6 +47,8 @@ def test_serialises_ts_as_rfc3339_utc_millis() -> None:
         ({"ts": "1778781605000"}, "ts", "RFC 3339"),
         ({"ts": True}, "ts", "boolean"),
         ({"ts": "2026-02-30T00:00:00Z"}, "ts", "day"),
+        ({"ts": "2026-05-14T18:00:05.٣٣٣Z"}, "ts", "RFC 3339"),  # RFC 3339 digits are ASCII
+        ({"ts": "٢٠٢٦-05-14T18:00:05Z"}, "ts", "RFC 3339"),
         # An offset that carries the instant outside years 1-9999 in UTC.
         ({"ts": "0001-01-01T00:00:00+01:00"}, "ts", "out of range"),
         ({"ts": "9999-12-31T23:59:59-01:00"}, "ts", "out of range"),

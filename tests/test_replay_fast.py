@@ -219,6 +219,10 @@ def test_read_lines_reads_each_line_as_read_does() -> None:
         "odd but fine times": [
             *good[:2],
             dumps(GOOD | {"ts": "2026-05-14T18:00:05+02:00"}) + b"\n",
+            *good[2:],
+        ],
+        "digits of another script": [
+            *good[:2],
             dumps(GOOD | {"ts": "2026-05-14T18:00:05.٣٣٣Z"}) + b"\n",
             *good[2:],
         ],
@@ -232,6 +236,7 @@ def test_read_lines_reads_each_line_as_read_does() -> None:
     assert FastPings().read_lines(runs["all good"]).unread == []
     assert FastPings().read_lines(runs["split and doubled"]).unread == [2, 3, 4]
     assert FastPings().read_lines(runs["null island"]).unread == [4]
+    assert FastPings().read_lines(runs["digits of another script"]).unread == [2]
     assert FastPings().read_lines(runs["on the equator"]).unread == []
 
 
