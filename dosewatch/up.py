@@ -79,6 +79,7 @@ async def up(state_dir: Path, demo: bool, speed: float, units: int, zones: int) 
                 # one would point past its end. Start consistent instead of resuming.
                 await conn.execute("DELETE FROM consumer_offsets")
                 await conn.execute("DELETE FROM partition_state")
+                await conn.execute("DELETE FROM partition_changes")
             admin_key = console_key = None
             if any(isinstance(e, EmbeddedPostgres) for e in embedded):
                 admin_key = await _dev_key(conn, state_dir, "admin")

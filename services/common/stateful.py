@@ -6,6 +6,9 @@ background save rather than by the batch, so the next batch is fetched while the
 flight. A crash anywhere repeats
 work from the last saved offsets with the state saved alongside them; the core is
 deterministic, so the repeats are identical records with identical event ids.
+
+State goes in as one row per partition per save (the keys that changed), not one upsert per
+key: PostgreSQL's cost per save no longer grows with the units that pinged.
 """
 
 from __future__ import annotations
@@ -27,11 +30,12 @@ from services.common.metrics import CONSUMER_LAG, DB_RETRIES
 from services.common.settings import CommonSettings
 
 log = logging.getLogger(__name__)
-# A save's {partition: {key: value}} document ($3) as rows (p, k, v).
-_ROWS = (
-    "(SELECT p.key::int AS p, u.key AS k, u.value AS v "
-    "FROM jsonb_each($3::jsonb) AS p, jsonb_each(p.value) AS u) AS s"
-)
+# A partition's state is saved as a log (see migrations/0005): a snapshot is written when the
+# changes saved since the last one outgrow it this many times (and this floor). A restore reads
+# at most about that many times the state's size; a snapshot exports every key, so a lower
+# ratio costs the live service more.
+SNAPSHOT_RATIO = 8
+SNAPSHOT_MIN_BYTES = 1 << 20
 
 
 class _Listener(kafka.ConsumerRebalanceListener):  # type: ignore[misc]
@@ -77,6 +81,8 @@ class StatefulService(abc.ABC):
         self._pending_outputs: list[Any] = []
         self._pending_offsets: dict[int, int] = {}
         self._last_save = 0.0
+        # partition -> (bytes of its last snapshot, bytes of changes saved since)
+        self._log_size: dict[int, tuple[int, float]] = {}
         self.ready = False
 
     # -- what a service supplies -------------------------------------------------------------
@@ -107,6 +113,10 @@ class StatefulService(abc.ABC):
     @abc.abstractmethod
     def dirty_state(self, partition: int) -> dict[str, Any]:
         """Keys changed since the last save -> their new value (None deletes the key)."""
+
+    @abc.abstractmethod
+    def full_state(self, partition: int) -> dict[str, Any]:
+        """Every key of the partition's state (for a snapshot)."""
 
     @abc.abstractmethod
     async def publish(self, outputs: list[Any]) -> None:
@@ -151,20 +161,7 @@ class StatefulService(abc.ABC):
 
         async def load() -> dict[int, tuple[int | None, dict[str, Any]]]:
             async with pool.acquire() as conn:
-                out: dict[int, tuple[int | None, dict[str, Any]]] = {}
-                for p in partitions:
-                    offset = await conn.fetchval(
-                        "SELECT next_offset FROM consumer_offsets "
-                        "WHERE consumer = $1 AND topic = $2 AND partition = $3",
-                        self.name, self.topic, p,
-                    )  # fmt: skip
-                    rows = await conn.fetch(
-                        "SELECT key, value::text AS value FROM partition_state "
-                        "WHERE consumer = $1 AND topic = $2 AND partition = $3",
-                        self.name, self.topic, p,
-                    )  # fmt: skip
-                    out[p] = (offset, {r["key"]: orjson.loads(r["value"]) for r in rows})
-                return out
+                return {p: await self.load_partition(conn, p) for p in partitions}
 
         await self.on_assign()
         loaded = await db.retrying(load, "load state", on_retry=self._retried)
@@ -177,6 +174,40 @@ class StatefulService(abc.ABC):
             else:
                 self.consumer.seek(tp, offset)
         log.info("partitions assigned", extra={"partitions": partitions})
+
+    async def load_partition(
+        self, conn: asyncpg.Connection, partition: int
+    ) -> tuple[int | None, dict[str, Any]]:
+        """The partition's next offset and state: rows of the per-key table this log replaced
+        (kept until the first snapshot), then the saved changes in order."""
+        key = (self.name, self.topic, partition)
+        offset = await conn.fetchval(
+            "SELECT next_offset FROM consumer_offsets "
+            "WHERE consumer = $1 AND topic = $2 AND partition = $3", *key,
+        )  # fmt: skip
+        legacy = await conn.fetch(
+            "SELECT key, value::text AS value FROM partition_state "
+            "WHERE consumer = $1 AND topic = $2 AND partition = $3", *key,
+        )  # fmt: skip
+        state: dict[str, Any] = {r["key"]: orjson.loads(r["value"]) for r in legacy}
+        # A partition with legacy rows is snapshotted on its first save, which deletes them.
+        snapshot, since = 0, float("inf") if legacy else 0.0
+        for r in await conn.fetch(
+            "SELECT snapshot, changes FROM partition_changes "
+            "WHERE consumer = $1 AND topic = $2 AND partition = $3 ORDER BY seq", *key,
+        ):  # fmt: skip
+            if r["snapshot"]:
+                state.clear()
+                snapshot, since = len(r["changes"]), 0.0
+            else:
+                since += len(r["changes"])
+            for k, value in orjson.loads(r["changes"]).items():
+                if value is None:
+                    state.pop(k, None)
+                else:
+                    state[k] = value
+        self._log_size[partition] = (snapshot, since)
+        return offset, state
 
     async def run(self) -> None:
         assert self.consumer is not None
@@ -260,11 +291,28 @@ class StatefulService(abc.ABC):
         The next batch is fetched and processed while this one is written; the one after
         waits for it. Saves stay in order, and each holds the state that goes with its
         offsets, so the commit order is unchanged: outputs acked, then state and offsets."""
-        state = {p: self.dirty_state(p) for p in list(self.partitions)}
+        changes = self._state_changes()
         previous = self._saving
         self._saving = asyncio.create_task(
-            self._write_after(previous, state, outputs, offsets, acks)
+            self._write_after(previous, changes, outputs, offsets, acks)
         )
+
+    def _state_changes(self) -> list[tuple[int, bool, bytes]]:
+        """(partition, snapshot?, orjson bytes) for each partition with something to save:
+        its changed keys, or all of them once the changes since its last snapshot outgrow it."""
+        out = []
+        for p in list(self.partitions):
+            rows = self.dirty_state(p)
+            snapshot, since = self._log_size.get(p, (0, 0.0))
+            full = since > max(SNAPSHOT_RATIO * snapshot, SNAPSHOT_MIN_BYTES)
+            if full:
+                rows = self.full_state(p)
+            elif not rows:
+                continue
+            doc = orjson.dumps(rows)
+            self._log_size[p] = (len(doc), 0.0) if full else (snapshot, since + len(doc))
+            out.append((p, full, doc))
+        return out
 
     async def flush(self) -> None:
         """Save everything applied so far and wait until it is written."""
@@ -276,7 +324,7 @@ class StatefulService(abc.ABC):
     async def _write_after(
         self,
         previous: asyncio.Task[None] | None,
-        state: dict[int, dict[str, Any]],
+        changes: list[tuple[int, bool, bytes]],
         outputs: list[Any],
         offsets: dict[int, int],
         acks: list[asyncio.Future[Any]],
@@ -291,25 +339,8 @@ class StatefulService(abc.ABC):
         async def tx() -> None:
             async with pool.acquire() as conn, conn.transaction():
                 await self.write(conn, outputs)
-                # The whole save's state as one JSON document, split back into rows by
-                # PostgreSQL: one orjson call here instead of a dumps per unit (a commit
-                # interval carries about one unit per ping). A null value deletes its key.
-                if any(state.values()):
-                    doc = orjson.dumps(state, option=orjson.OPT_NON_STR_KEYS).decode()
-                    await conn.execute(
-                        "INSERT INTO partition_state (consumer, topic, partition, key, value) "
-                        f"SELECT $1, $2, p, k, v FROM {_ROWS} WHERE v <> 'null'::jsonb "
-                        "ON CONFLICT (consumer, topic, partition, key) "
-                        "DO UPDATE SET value = EXCLUDED.value",
-                        self.name, self.topic, doc,
-                    )  # fmt: skip
-                    if any(None in rows.values() for rows in state.values()):
-                        await conn.execute(
-                            f"DELETE FROM partition_state t USING {_ROWS} "
-                            "WHERE v = 'null'::jsonb AND t.consumer = $1 AND t.topic = $2 "
-                            "AND t.partition = p AND t.key = k",
-                            self.name, self.topic, doc,
-                        )  # fmt: skip
+                if changes:
+                    await self._write_changes(conn, changes)
                 if offsets:
                     await conn.executemany(
                         "INSERT INTO consumer_offsets (consumer, topic, partition, next_offset) "
@@ -319,6 +350,33 @@ class StatefulService(abc.ABC):
                     )
 
         await db.retrying(tx, "save state", self.settings.db_retry_max_s, self._retried)
+
+    async def _write_changes(
+        self, conn: asyncpg.Connection, changes: list[tuple[int, bool, bytes]]
+    ) -> None:
+        """One row per partition, whatever the number of keys; a snapshot deletes what it
+        makes obsolete."""
+        parts, full, docs = (list(c) for c in zip(*changes, strict=True))
+        rows = await conn.fetch(
+            "INSERT INTO partition_changes (consumer, topic, partition, snapshot, changes) "
+            "SELECT $1, $2, p, s, c FROM unnest($3::int[], $4::bool[], $5::bytea[]) "
+            "AS t(p, s, c) RETURNING partition, seq",
+            self.name, self.topic, parts, full, docs,
+        )  # fmt: skip
+        seq = {r["partition"]: r["seq"] for r in rows}
+        snapped = [p for p, f in zip(parts, full, strict=True) if f]
+        if snapped:
+            await conn.execute(
+                "DELETE FROM partition_changes c USING unnest($3::int[], $4::bigint[]) "
+                "AS t(p, s) WHERE c.consumer = $1 AND c.topic = $2 AND c.partition = t.p "
+                "AND c.seq < t.s",
+                self.name, self.topic, snapped, [seq[p] for p in snapped],
+            )  # fmt: skip
+            await conn.execute(
+                "DELETE FROM partition_state WHERE consumer = $1 AND topic = $2 "
+                "AND partition = ANY($3::int[])",
+                self.name, self.topic, snapped,
+            )  # fmt: skip
 
     def _retried(self) -> None:
         DB_RETRIES.labels(self.name).inc()

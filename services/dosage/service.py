@@ -235,6 +235,14 @@ class DosageService(StatefulService):
         out.extend(self._changes(owner.rules_changed(zone_id)))
         return started
 
+    def full_state(self, partition: int) -> dict[str, Any]:
+        board = self.boards.get(partition)
+        if board is None:
+            return {}
+        rows: dict[str, Any] = {z: board.export_zone(z) for z in board.zones}
+        rows[META] = board.export_meta()
+        return rows
+
     def dirty_state(self, partition: int) -> dict[str, Any]:
         board = self.boards.get(partition)
         if board is None:

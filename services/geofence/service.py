@@ -264,6 +264,14 @@ class GeofenceService(StatefulService):
         events = self.trackers[partition].advance(clock)
         return backlog + [visit_cloudevent(e, self.gsettings.source) for e in events]
 
+    def full_state(self, partition: int) -> dict[str, Any]:
+        tracker = self.trackers.get(partition)
+        if tracker is None:
+            return {}
+        rows: dict[str, Any] = tracker.export_units(tracker.units)
+        rows[META] = tracker.export_meta()
+        return rows
+
     def dirty_state(self, partition: int) -> dict[str, Any]:
         tracker = self.trackers.get(partition)
         if tracker is None:
