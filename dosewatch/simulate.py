@@ -36,6 +36,7 @@ _M_PER_DEG_LAT = 111_132.0
 
 Fault = Literal["null_island", "far_jump", "out_of_range", "duplicate"]
 BAD_FIXES: tuple[Fault, ...] = ("null_island", "far_jump", "out_of_range")
+REFUSED: tuple[Fault, ...] = ("null_island", "out_of_range")  # invalid pings, by the contract
 
 
 class SimulateError(Exception):
@@ -218,7 +219,7 @@ def _fix(
     fault: Fault | None = None
     if rng.random() < cfg.bad_fix_p:
         fault = rng.choice(BAD_FIXES)
-        if fault == "null_island":  # a receiver without a fix reporting its zero default
+        if fault == "null_island":  # a receiver without a fix: ingest must dead-letter it
             ping["lat"], ping["lon"] = 0.0, 0.0
         elif fault == "far_jump":  # a confident fix kilometres away
             off, angle = rng.uniform(5_000.0, 50_000.0), rng.uniform(0.0, 2 * math.pi)

@@ -22,6 +22,7 @@ from dosewatch.replay import run_replay
 from dosewatch.settings import ReplaySettings
 from dosewatch.simulate import (
     BAD_FIXES,
+    REFUSED,
     SimConfig,
     SimFix,
     SimStats,
@@ -102,13 +103,13 @@ def test_same_seed_same_pings_and_another_seed_others() -> None:
     assert [p for p in run(7, 8) if p["unit_id"] in {p["unit_id"] for p in first}] == first
 
 
-def test_pings_in_time_order_and_valid_except_out_of_range() -> None:
+def test_pings_in_time_order_and_valid_except_the_refused_faults() -> None:
     fixes = patrol()
     assert [f.ts_ms for f in fixes] == sorted(f.ts_ms for f in fixes)
     assert all(parse_ts(f.ping["ts"]) == f.ts_ms for f in fixes)
     for f in fixes:
         valid = isinstance(validate_ping(f.ping), Ping)
-        assert valid == (f.fault != "out_of_range"), f
+        assert valid == (f.fault not in REFUSED), f
     optional = {k for f in fixes for k in f.ping} - {"unit_id", "ts", "lat", "lon"}
     assert optional == {"speed_mps", "heading_deg", "accuracy_m"}
 
@@ -182,9 +183,9 @@ def test_stream_sends_keyed_pings_to_the_raw_topic(kafka_bootstrap: str, topic_p
         stats = await stream(settings, features, seed=3, units=8, interval_s=0.1, speed=60.0,
                              duration_s=2.0, config=noisy)  # fmt: skip
         records = await drain(kafka_bootstrap, settings.topic_raw, stats.sent)
-        return stats.faults["out_of_range"], [(r.key, r.value) for r in records]
+        return sum(stats.faults[f] for f in REFUSED), [(r.key, r.value) for r in records]
 
-    out_of_range, records = asyncio.run(scenario())
+    refused, records = asyncio.run(scenario())
     got: dict[str, list[dict[str, object]]] = defaultdict(list)
     invalid = 0
     for key, value in records:
@@ -192,7 +193,7 @@ def test_stream_sends_keyed_pings_to_the_raw_topic(kafka_bootstrap: str, topic_p
         assert key == ping["unit_id"].encode()
         got[ping["unit_id"]].append(ping)
         invalid += not isinstance(validate_ping(ping), Ping)
-    assert out_of_range > 0 and invalid == out_of_range
+    assert refused > 0 and invalid == refused
     # The generator's pings, in each unit's order; only the wall-time stamps differ.
     expected: dict[str, list[dict[str, object]]] = defaultdict(list)
     for p in simulate(3, features, 8, 0, interval_s=6.0, end_ms=120_000, config=noisy):
@@ -221,9 +222,9 @@ def test_stream_posts_to_the_http_intake(kafka_bootstrap: str, topic_prefix: str
         return stats, len(await drain(kafka_bootstrap, settings.topic_pings, want))
 
     stats, accepted = asyncio.run(scenario())
-    # Ingest refused exactly the out-of-range fixes and passed everything else on.
-    assert stats.faults["out_of_range"] > 0
-    assert stats.rejected == stats.faults["out_of_range"]
+    # Ingest refused exactly the out-of-range and null-island fixes, and passed the rest on.
+    assert stats.faults["out_of_range"] > 0 and stats.faults["null_island"] > 0
+    assert stats.rejected == sum(stats.faults[f] for f in REFUSED)
     assert accepted == stats.sent - stats.rejected
 
 
