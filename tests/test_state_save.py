@@ -133,6 +133,7 @@ def test_snapshots_bound_the_log_and_keep_the_state(
     database_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(stateful, "SNAPSHOT_MIN_BYTES", 300)
+    monkeypatch.setattr(stateful, "SNAPSHOT_RATIO", 2)
     rng = random.Random(7)
     rounds = [
         (
