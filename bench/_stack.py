@@ -26,19 +26,33 @@ class Stack:
 
 
 @contextlib.asynccontextmanager
-async def embedded_stack(prefix: str = "dosewatch-bench-") -> AsyncIterator[Stack]:
-    state = Path(tempfile.mkdtemp(prefix=prefix))
-    state.chmod(0o755)  # PostgreSQL runs as its own user below it
-    broker = EmbeddedKafka(free_port())
-    await broker.start()
+async def embedded_postgres(state: Path) -> AsyncIterator[tuple[EmbeddedPostgres, str]]:
+    """The embedded server with its files under `state`, and a scratch database's URL."""
     pg = EmbeddedPostgres(state / "pgdata", free_port())
     try:
         await pg.start()
         url = pg.url.rsplit("/", 1)[0] + "/bench"
         await db.ensure_database(url)
-        yield Stack(state, broker, pg, url)
+        yield pg, url
     finally:
         await pg.stop()
+
+
+def state_dir(prefix: str = "dosewatch-bench-") -> Path:
+    state = Path(tempfile.mkdtemp(prefix=prefix))
+    state.chmod(0o755)  # PostgreSQL runs as its own user below it
+    return state
+
+
+@contextlib.asynccontextmanager
+async def embedded_stack(prefix: str = "dosewatch-bench-") -> AsyncIterator[Stack]:
+    state = state_dir(prefix)
+    broker = EmbeddedKafka(free_port())
+    await broker.start()
+    try:
+        async with embedded_postgres(state) as (pg, url):
+            yield Stack(state, broker, pg, url)
+    finally:
         await broker.stop()
 
 
