@@ -8,8 +8,8 @@ real unit states from the patrol city's tracker. Two ways to write them, on the 
 PostgreSQL, alternately:
 - `per-key upsert`: one upserted row per unit (`partition_state`, how dosewatch saved state
   until 2026-11-22), one `INSERT ... SELECT FROM unnest ... ON CONFLICT` per save;
-- `log`: `StatefulService`'s own save, one `partition_changes` row per partition per save and
-  a snapshot when the changes outgrow it.
+- `log`: the services' own store (`PartitionStateStore`), one `partition_changes` row per
+  partition per save and a snapshot when the changes outgrow it.
 CPU is per saved unit: this process's (encoding, asyncpg) and the server's (all its processes).
 """
 
@@ -33,8 +33,7 @@ from bench._city import patrol, save, table, zone_specs
 from bench._stack import embedded_postgres, state_dir
 from bench.pipeline import tree_cpu
 from services.common import db
-from services.common.settings import CommonSettings
-from services.common.stateful import StatefulService
+from services.common.statestore import PartitionStateStore
 from services.dosage.core.params import DosageParams
 from services.dosage.core.tracker import VisitTracker
 from services.geofence.core.index import ZoneIndex
@@ -44,39 +43,6 @@ PARTITIONS = 4
 
 def partition_of(unit_id: str) -> int:
     return zlib.crc32(unit_id.encode()) % PARTITIONS
-
-
-class _Saver(StatefulService):
-    """The service's save path alone: `dirty_state` hands out the units queued for a save."""
-
-    name = "bench"
-
-    def __init__(self, url: str, units: dict[str, Any]) -> None:
-        super().__init__(CommonSettings(database_url=url), "pings", "bench", False, 1.0)
-        self.by_partition: dict[int, dict[str, Any]] = {p: {} for p in range(PARTITIONS)}
-        for u, state in units.items():
-            self.by_partition[partition_of(u)][u] = state
-        self.queued: dict[int, dict[str, Any]] = {}
-        self.partitions = {p: (None, 0.0) for p in range(PARTITIONS)}
-
-    def restore_partition(self, partition: int, rows: dict[str, Any]) -> None: ...
-    def drop_partition(self, partition: int) -> None: ...
-    def partition_clock(self, partition: int) -> int | None:
-        return None
-
-    def process(self, partition: int, records: list[Any]) -> tuple[list[Any], int | None]:
-        return [], None
-
-    def tick(self, partition: int, clock: int) -> list[Any]:
-        return []
-
-    def dirty_state(self, partition: int) -> dict[str, Any]:
-        return self.queued.pop(partition, {})
-
-    def full_state(self, partition: int) -> dict[str, Any]:
-        return self.by_partition[partition]
-
-    async def publish(self, outputs: list[Any]) -> None: ...
 
 
 async def _upsert(conn: asyncpg.Connection, saves: list[dict[int, dict[str, Any]]]) -> None:
@@ -103,10 +69,14 @@ async def _upsert(conn: asyncpg.Connection, saves: list[dict[int, dict[str, Any]
             )
 
 
-async def _log(saver: _Saver, saves: list[dict[int, dict[str, Any]]]) -> None:
+async def _log(
+    conn: asyncpg.Connection, store: PartitionStateStore, everything: dict[int, dict[str, Any]],
+    saves: list[dict[int, dict[str, Any]]],
+) -> None:  # fmt: skip
     for n, rows in enumerate(saves):
-        saver.queued = dict(rows)
-        await saver.save([], {p: n for p in rows})
+        changes = [store.encode(p, rows[p], everything[p].copy) for p in rows]
+        async with conn.transaction():
+            await store.write(conn, [c for c in changes if c is not None], {p: n for p in rows})
 
 
 async def measure(units_per_save: int, saves: int, rounds: int) -> list[dict[str, Any]]:
@@ -128,23 +98,23 @@ async def measure(units_per_save: int, saves: int, rounds: int) -> list[dict[str
     async with embedded_postgres(state_dir()) as (pg, url):
         assert pg.proc is not None
         conn = await asyncpg.connect(url)
-        saver = _Saver(url, units)
-        await saver.open_database()
+        store = PartitionStateStore("bench", "pings")
+        everything: dict[int, dict[str, Any]] = {p: {} for p in range(PARTITIONS)}
+        for u, state in units.items():
+            everything[partition_of(u)][u] = state
         try:
             await db.migrate(conn)
             for _ in range(rounds):
                 for name in out:
                     c0, s0 = time.process_time(), tree_cpu(pg.proc.pid)
                     if name == "log":
-                        await _log(saver, batches)
+                        await _log(conn, store, everything, batches)
                     else:
                         await _upsert(conn, batches)
                     c1, s1 = time.process_time(), tree_cpu(pg.proc.pid)
                     out[name].append((c1 - c0, s1 - s0))
         finally:
             await conn.close()
-            assert saver.pool is not None
-            await saver.pool.close()
     n = units_per_save * saves
     return [
         {

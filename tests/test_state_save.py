@@ -1,4 +1,4 @@
-"""A stateful service's saves on a real PostgreSQL: each partition's changes go in as one row
+"""The partition state store on a real PostgreSQL: each partition's changes go in as one row
 per save with the next offsets, a snapshot replaces what came before it (legacy per-key rows
 included), and a restore reads back exactly the state that was saved."""
 
@@ -11,56 +11,19 @@ from typing import Any
 import asyncpg
 import pytest
 
-from services.common import db, stateful
-from services.common.settings import CommonSettings
-from services.common.stateful import StatefulService
+from services.common import db, statestore
+from services.common.statestore import PartitionStateStore
 
-State = dict[int, dict[str, Any]]
+PARTITIONS = (0, 1, 2)
 # Each save: (partition, key, new value or None to delete) changes, then the next offsets.
 Rounds = list[tuple[list[tuple[int, str, Any]], dict[int, int]]]
 
 
-class _Saver(StatefulService):
-    """Only the save path: a dict per partition stands for the service's state."""
-
-    name = "saver"
-
-    def __init__(self, url: str) -> None:
-        super().__init__(CommonSettings(database_url=url), "pings", "g", False, 1.0)
-        self.state: State = {p: {} for p in (0, 1, 2)}
-        self.dirty: dict[int, dict[str, Any]] = {}
-        self.partitions = {p: (None, 0.0) for p in self.state}
-
-    def change(self, partition: int, key: str, value: Any) -> None:
-        if value is None:
-            self.state[partition].pop(key, None)
-        else:
-            self.state[partition][key] = value
-        self.dirty.setdefault(partition, {})[key] = value
-
-    def restore_partition(self, partition: int, rows: dict[str, Any]) -> None: ...
-    def drop_partition(self, partition: int) -> None: ...
-    def partition_clock(self, partition: int) -> int | None:
-        return None
-
-    def process(self, partition: int, records: list[Any]) -> tuple[list[Any], int | None]:
-        return [], None
-
-    def tick(self, partition: int, clock: int) -> list[Any]:
-        return []
-
-    def dirty_state(self, partition: int) -> dict[str, Any]:
-        return self.dirty.pop(partition, {})
-
-    def full_state(self, partition: int) -> dict[str, Any]:
-        return dict(self.state[partition])
-
-    async def publish(self, outputs: list[Any]) -> None: ...
-
-
 async def _run(url: str, rounds: Rounds) -> Any:
-    """Apply each round's changes and save it with its offsets; then restore every partition
-    in a fresh instance. Returns (what was held, what was restored, log rows per partition)."""
+    """Load every partition (as a service does on assignment), apply each round's changes to a
+    dict standing for the service's state and save them as the service does; then restore in
+    a fresh store. Returns (what was held, what was restored, log rows per partition, the
+    per-key rows left)."""
     conn = await asyncpg.connect(url)
     try:
         await db.migrate(conn)
@@ -70,21 +33,22 @@ async def _run(url: str, rounds: Rounds) -> Any:
             "INSERT INTO partition_state VALUES ('other', 'pings', 0, 'u1', '[\"theirs\"]'), "
             "('saver', 'pings', 2, 'old', '{\"legacy\": true}')"
         )
-        saver = _Saver(url)
-        for p in saver.state:  # as `assign` does
-            saver.state[p] = (await saver.load_partition(conn, p))[1]
-        assert saver.state[2] == {"old": {"legacy": True}}
-        await saver.open_database()
-        try:
-            for changes, offsets in rounds:
-                for p, key, value in changes:
-                    saver.change(p, key, value)
-                await saver.save([], offsets)
-        finally:
-            assert saver.pool is not None
-            await saver.pool.close()
-        fresh = _Saver(url)
-        restored = {p: await fresh.load_partition(conn, p) for p in (0, 1, 2, 3)}
+        store = PartitionStateStore("saver", "pings")
+        held = {p: (await store.load(conn, p))[1] for p in PARTITIONS}
+        assert held[2] == {"old": {"legacy": True}}
+        for changes, offsets in rounds:
+            dirty: dict[int, dict[str, Any]] = {}
+            for p, key, value in changes:
+                if value is None:
+                    held[p].pop(key, None)
+                else:
+                    held[p][key] = value
+                dirty.setdefault(p, {})[key] = value
+            encoded = [store.encode(p, dirty.get(p, {}), held[p].copy) for p in PARTITIONS]
+            async with conn.transaction():
+                await store.write(conn, [c for c in encoded if c is not None], offsets)
+        fresh = PartitionStateStore("saver", "pings")
+        restored = {p: await fresh.load(conn, p) for p in (*PARTITIONS, 3)}
         logs = {
             r["partition"]: r["n"]
             for r in await conn.fetch(
@@ -92,7 +56,7 @@ async def _run(url: str, rounds: Rounds) -> Any:
             )
         }
         legacy = await conn.fetch("SELECT consumer, partition, key FROM partition_state")
-        return saver.state, restored, logs, [tuple(r) for r in legacy]
+        return held, restored, logs, [tuple(r) for r in legacy]
     finally:
         await conn.close()
 
@@ -132,10 +96,10 @@ def test_a_restore_reads_back_each_partition_and_its_offset(database_url: str) -
 def test_snapshots_bound_the_log_and_keep_the_state(
     database_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(stateful, "SNAPSHOT_MIN_BYTES", 300)
-    monkeypatch.setattr(stateful, "SNAPSHOT_RATIO", 2)
+    monkeypatch.setattr(statestore, "SNAPSHOT_MIN_BYTES", 300)
+    monkeypatch.setattr(statestore, "SNAPSHOT_RATIO", 2)
     rng = random.Random(7)
-    rounds = [
+    rounds: Rounds = [
         (
             [
                 (p, f"u{rng.randrange(12)}", rng.choice([None, [k, p], {"k": k}]))

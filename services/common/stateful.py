@@ -7,8 +7,7 @@ flight. A crash anywhere repeats
 work from the last saved offsets with the state saved alongside them; the core is
 deterministic, so the repeats are identical records with identical event ids.
 
-State goes in as one row per partition per save (the keys that changed), not one upsert per
-key: PostgreSQL's cost per save no longer grows with the units that pinged.
+Where state and offsets live, and in what form, is `statestore.PartitionStateStore`'s.
 """
 
 from __future__ import annotations
@@ -19,23 +18,18 @@ import contextlib
 import logging
 import time
 from collections.abc import Sequence
+from functools import partial
 from typing import Any
 
 import asyncpg
-import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
 
 from services.common import db, kafka
 from services.common.metrics import CONSUMER_LAG, DB_RETRIES
 from services.common.settings import CommonSettings
+from services.common.statestore import Change, PartitionStateStore
 
 log = logging.getLogger(__name__)
-# A partition's state is saved as a log (see migrations/0005): a snapshot is written when the
-# changes saved since the last one outgrow it this many times (and this floor). A restore reads
-# at most about that many times the state's size; a snapshot exports every key, so a lower
-# ratio costs the live service more.
-SNAPSHOT_RATIO = 8
-SNAPSHOT_MIN_BYTES = 1 << 20
 
 
 class _Listener(kafka.ConsumerRebalanceListener):  # type: ignore[misc]
@@ -81,8 +75,7 @@ class StatefulService(abc.ABC):
         self._pending_outputs: list[Any] = []
         self._pending_offsets: dict[int, int] = {}
         self._last_save = 0.0
-        # partition -> (bytes of its last snapshot, bytes of changes saved since)
-        self._log_size: dict[int, tuple[int, float]] = {}
+        self.store = PartitionStateStore(self.name, topic)
         self.ready = False
 
     # -- what a service supplies -------------------------------------------------------------
@@ -161,7 +154,7 @@ class StatefulService(abc.ABC):
 
         async def load() -> dict[int, tuple[int | None, dict[str, Any]]]:
             async with pool.acquire() as conn:
-                return {p: await self.load_partition(conn, p) for p in partitions}
+                return {p: await self.store.load(conn, p) for p in partitions}
 
         await self.on_assign()
         loaded = await db.retrying(load, "load state", on_retry=self._retried)
@@ -174,40 +167,6 @@ class StatefulService(abc.ABC):
             else:
                 self.consumer.seek(tp, offset)
         log.info("partitions assigned", extra={"partitions": partitions})
-
-    async def load_partition(
-        self, conn: asyncpg.Connection, partition: int
-    ) -> tuple[int | None, dict[str, Any]]:
-        """The partition's next offset and state: rows of the per-key table this log replaced
-        (kept until the first snapshot), then the saved changes in order."""
-        key = (self.name, self.topic, partition)
-        offset = await conn.fetchval(
-            "SELECT next_offset FROM consumer_offsets "
-            "WHERE consumer = $1 AND topic = $2 AND partition = $3", *key,
-        )  # fmt: skip
-        legacy = await conn.fetch(
-            "SELECT key, value::text AS value FROM partition_state "
-            "WHERE consumer = $1 AND topic = $2 AND partition = $3", *key,
-        )  # fmt: skip
-        state: dict[str, Any] = {r["key"]: orjson.loads(r["value"]) for r in legacy}
-        # A partition with legacy rows is snapshotted on its first save, which deletes them.
-        snapshot, since = 0, float("inf") if legacy else 0.0
-        for r in await conn.fetch(
-            "SELECT snapshot, changes FROM partition_changes "
-            "WHERE consumer = $1 AND topic = $2 AND partition = $3 ORDER BY seq", *key,
-        ):  # fmt: skip
-            if r["snapshot"]:
-                state.clear()
-                snapshot, since = len(r["changes"]), 0.0
-            else:
-                since += len(r["changes"])
-            for k, value in orjson.loads(r["changes"]).items():
-                if value is None:
-                    state.pop(k, None)
-                else:
-                    state[k] = value
-        self._log_size[partition] = (snapshot, since)
-        return offset, state
 
     async def run(self) -> None:
         assert self.consumer is not None
@@ -297,21 +256,12 @@ class StatefulService(abc.ABC):
             self._write_after(previous, changes, outputs, offsets, acks)
         )
 
-    def _state_changes(self) -> list[tuple[int, bool, bytes]]:
-        """(partition, snapshot?, orjson bytes) for each partition with something to save:
-        its changed keys, or all of them once the changes since its last snapshot outgrow it."""
+    def _state_changes(self) -> list[Change]:
         out = []
         for p in list(self.partitions):
-            rows = self.dirty_state(p)
-            snapshot, since = self._log_size.get(p, (0, 0.0))
-            full = since > max(SNAPSHOT_RATIO * snapshot, SNAPSHOT_MIN_BYTES)
-            if full:
-                rows = self.full_state(p)
-            elif not rows:
-                continue
-            doc = orjson.dumps(rows)
-            self._log_size[p] = (len(doc), 0.0) if full else (snapshot, since + len(doc))
-            out.append((p, full, doc))
+            change = self.store.encode(p, self.dirty_state(p), partial(self.full_state, p))
+            if change is not None:
+                out.append(change)
         return out
 
     async def flush(self) -> None:
@@ -324,7 +274,7 @@ class StatefulService(abc.ABC):
     async def _write_after(
         self,
         previous: asyncio.Task[None] | None,
-        changes: list[tuple[int, bool, bytes]],
+        changes: list[Change],
         outputs: list[Any],
         offsets: dict[int, int],
         acks: list[asyncio.Future[Any]],
@@ -339,44 +289,9 @@ class StatefulService(abc.ABC):
         async def tx() -> None:
             async with pool.acquire() as conn, conn.transaction():
                 await self.write(conn, outputs)
-                if changes:
-                    await self._write_changes(conn, changes)
-                if offsets:
-                    await conn.executemany(
-                        "INSERT INTO consumer_offsets (consumer, topic, partition, next_offset) "
-                        "VALUES ($1, $2, $3, $4) ON CONFLICT (consumer, topic, partition) "
-                        "DO UPDATE SET next_offset = EXCLUDED.next_offset",
-                        [(self.name, self.topic, p, o) for p, o in offsets.items()],
-                    )
+                await self.store.write(conn, changes, offsets)
 
         await db.retrying(tx, "save state", self.settings.db_retry_max_s, self._retried)
-
-    async def _write_changes(
-        self, conn: asyncpg.Connection, changes: list[tuple[int, bool, bytes]]
-    ) -> None:
-        """One row per partition, whatever the number of keys; a snapshot deletes what it
-        makes obsolete."""
-        parts, full, docs = (list(c) for c in zip(*changes, strict=True))
-        rows = await conn.fetch(
-            "INSERT INTO partition_changes (consumer, topic, partition, snapshot, changes) "
-            "SELECT $1, $2, p, s, c FROM unnest($3::int[], $4::bool[], $5::bytea[]) "
-            "AS t(p, s, c) RETURNING partition, seq",
-            self.name, self.topic, parts, full, docs,
-        )  # fmt: skip
-        seq = {r["partition"]: r["seq"] for r in rows}
-        snapped = [p for p, f in zip(parts, full, strict=True) if f]
-        if snapped:
-            await conn.execute(
-                "DELETE FROM partition_changes c USING unnest($3::int[], $4::bigint[]) "
-                "AS t(p, s) WHERE c.consumer = $1 AND c.topic = $2 AND c.partition = t.p "
-                "AND c.seq < t.s",
-                self.name, self.topic, snapped, [seq[p] for p in snapped],
-            )  # fmt: skip
-            await conn.execute(
-                "DELETE FROM partition_state WHERE consumer = $1 AND topic = $2 "
-                "AND partition = ANY($3::int[])",
-                self.name, self.topic, snapped,
-            )  # fmt: skip
 
     def _retried(self) -> None:
         DB_RETRIES.labels(self.name).inc()
