@@ -237,11 +237,9 @@ class DosageService(StatefulService):
 
     def full_state(self, partition: int) -> dict[str, Any]:
         board = self.boards.get(partition)
-        if board is None:
-            return {}
-        rows: dict[str, Any] = {z: board.export_zone(z) for z in board.zones}
-        rows[META] = board.export_meta()
-        return rows
+        if board is not None:
+            board.dirty.update(board.zones)  # a snapshot is a save with every zone changed
+        return self.dirty_state(partition)
 
     def dirty_state(self, partition: int) -> dict[str, Any]:
         board = self.boards.get(partition)

@@ -266,11 +266,9 @@ class GeofenceService(StatefulService):
 
     def full_state(self, partition: int) -> dict[str, Any]:
         tracker = self.trackers.get(partition)
-        if tracker is None:
-            return {}
-        rows: dict[str, Any] = tracker.export_units(tracker.units)
-        rows[META] = tracker.export_meta()
-        return rows
+        if tracker is not None:
+            tracker.dirty.update(tracker.units)  # a snapshot is a save with every unit changed
+        return self.dirty_state(partition)
 
     def dirty_state(self, partition: int) -> dict[str, Any]:
         tracker = self.trackers.get(partition)
