@@ -181,13 +181,8 @@ class DosageService(StatefulService):
         source = self.dsettings.source
         out = []
         for c in changes:
-            audit = status_cloudevent(c, source)
-            # The event's data is the status row plus previous_status, added last: the row
-            # without it is status_row(c.snapshot), not built a second time. Both are only
-            # encoded, never changed, so they may share the nested parts.
-            status = dict(audit["data"])
-            del status["previous_status"]
-            out.append(Output(audit=audit, status=status))
+            status = status_row(c.snapshot)  # built once: the event's data extends it
+            out.append(Output(audit=status_cloudevent(c, source, status), status=status))
         return out
 
     def _rules_of(

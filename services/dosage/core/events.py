@@ -159,9 +159,13 @@ def visit_event_from_cloudevent(doc: dict[str, Any], rules: ZoneRules) -> VisitE
     )
 
 
-def status_cloudevent(change: StatusChange, source: str) -> dict[str, Any]:
-    data = status_row(change.snapshot)
-    data["previous_status"] = str(change.previous)
+def status_cloudevent(
+    change: StatusChange, source: str, row: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """The change as an event: its status row (`row`, when the caller built it already) plus
+    previous_status."""
+    data = {**(status_row(change.snapshot) if row is None else row),
+            "previous_status": str(change.previous)}  # fmt: skip
     zone_id, at = change.zone_id, change.time
     eid = _digest(f"{STATUS_CHANGED}\x1f{zone_id}\x1f{at}\x1f{change.previous}\x1f{change.status}")
     return envelope(STATUS_CHANGED, eid, source, at, zone_id, data)
