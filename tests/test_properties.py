@@ -284,8 +284,9 @@ def test_replay_is_deterministic_and_independent_of_batch_size(sc: Scenario) -> 
 @PROPS
 @given(scenarios(), st.sampled_from([1, 7, 64]))
 def test_the_trackers_shortcuts_change_nothing(sc: Scenario, batch: int) -> None:
-    """`process_columns` takes the commonest pings without the full rules; with its shortcuts
-    off, every usable ping goes through them, and the events, stats and state are the same."""
+    """`process_columns` takes the commonest pings without the full rules, and the rules take
+    a visit's quiet pings without `Visit.observe`; with the shortcuts off, every usable ping
+    goes through both, and the events, stats and state are the same."""
     runs = []
     for shortcuts in (True, False):
         tracker = tracker_for(sc.params)

@@ -117,8 +117,8 @@ class VisitTracker:
         # Units whose state changed since the owner last saved it (live services persist these).
         self.dirty: set[str] = set()
         self._reshaped: set[tuple[str, str]] = set()  # restored visits on an older zone shape
-        # False sends every usable ping through the full rules: tests hold the shortcuts of
-        # `process_columns` to them.
+        # False sends every usable ping through the full rules, and every visit through
+        # Visit.observe: tests hold the shortcuts (here and in `_usable`) to them.
         self.shortcuts = True
 
     # -- input -------------------------------------------------------------------------------
@@ -308,10 +308,18 @@ class VisitTracker:
         index = self.index
         opened = unit.open
         if opened:
-            rules_by_id = index.rules_by_id
+            rules_by_id, confirm, shortcuts = index.rules_by_id, self._confirm, self.shortcuts
             for zone_id, visit in tuple(opened.items()):
-                where = _WHERE[here.get(zone_id)]
-                moments = visit.observe(where, ts, rules_by_id[zone_id], self._confirm)
+                inside = here.get(zone_id)
+                # Most pings cause no moment: stay and away are observe's answer to those,
+                # without building one; anything else is observe's to judge.
+                if shortcuts and (
+                    visit.away(ts, confirm)
+                    if inside is None
+                    else visit.stay(ts, rules_by_id[zone_id])
+                ):
+                    continue
+                moments = visit.observe(_WHERE[inside], ts, rules_by_id[zone_id], confirm)
                 if moments:
                     for moment in moments:
                         out.append(self._event(_MOMENT_KIND[moment], ts, visit, index))
