@@ -39,6 +39,7 @@ from services.common.zonestore import import_zones
 
 SERVICES = ("ingest", "geofence", "dosage")
 TICKS = os.sysconf("SC_CLK_TCK")
+WARMUP_MAX_S = 30.0  # a rate past capacity never catches up: measure it anyway, marked behind
 
 
 def cpu_seconds(pid: int) -> float:
@@ -132,25 +133,41 @@ async def run_rate(
                         latencies.append(r.timestamp - parse_ts(status["as_of"]))
 
     watcher = asyncio.create_task(watch())
-    before = {n: await _histogram(ports[n]) for n in SERVICES}
-    cpu0 = {n: cpu_seconds(p.pid) for n, p in procs.items()}
-    broker0 = broker_cpu(broker)
     assert pg.proc is not None
-    pg0 = tree_cpu(pg.proc.pid)
+    pg_pid = pg.proc.pid
     sent = 0
     t0 = time.monotonic()
-    # The first second or two on fresh topics (metadata, first fetches) is not steady state.
-    measure_from_ms[0] = (time.time() + warmup_s) * 1000
     step = 0.01
     # Pre-drawn positions: the sender must not be what limits the rate.
     units = units or max(100, int(rate * interval_s) if rate else 5_000)
     keys, heads = beats(rng, centres, units, f"r{rate}u")
     pool_n = len(keys)
     k = 0
-    taken0: float | None = None
-    while time.monotonic() - t0 < warmup_s + seconds:
-        if taken0 is None and time.monotonic() - t0 >= warmup_s:
-            taken0, taken_t0 = await _taken(ports["geofence"]), time.monotonic()
+    # The first seconds on fresh topics (metadata, consumer groups joining, the backlog of
+    # pings sent meanwhile) are not steady state: the window opens once every stage has
+    # caught up, after at least `warmup_s`, and closes `seconds` later. Watched from a task
+    # of its own, so that the sender keeps its pace meanwhile.
+    w: dict[str, Any] = {}
+
+    async def open_window() -> None:
+        await asyncio.sleep(warmup_s)
+        deadline = time.monotonic() + WARMUP_MAX_S
+        while True:
+            lag = max([await _lag(ports[n]) for n in SERVICES])
+            if lag <= max(100, rate // 50) or time.monotonic() >= deadline:
+                break
+            await asyncio.sleep(0.25)
+        w["caught_up"], w["warmup_s"] = lag <= max(100, rate // 50), time.monotonic() - t0
+        measure_from_ms[0] = time.time() * 1000
+        w["cpu0"] = {n: cpu_seconds(p.pid) for n, p in procs.items()}
+        w["broker0"], w["pg0"] = broker_cpu(broker), tree_cpu(pg_pid)
+        w["sent0"], w["t0"] = sent, time.monotonic()
+        w["taken0"] = await _taken(ports["geofence"])
+        w["before"] = {n: await _histogram(ports[n]) for n in SERVICES}
+        w["end"] = w["t0"] + seconds
+
+    opener = asyncio.create_task(open_window())
+    while "end" not in w or time.monotonic() < w["end"]:
         # Catch up to the schedule: a slow ack must not lower the offered rate.
         n = max(1, int(rate * (time.monotonic() - t0 + step)) - sent) if rate else 2000
         stamp = format_ts(int(time.time() * 1000)).encode() + b'"}'
@@ -162,24 +179,26 @@ async def run_rate(
         sent += n
         if rate:
             await asyncio.sleep(max(0.0, t0 + sent / rate - time.monotonic()))
-    elapsed = time.monotonic() - t0
-    # Throughput: pings the geofence stage took while the load ran (at "max" the sender can
+    await opener
+    elapsed = time.monotonic() - w["t0"]
+    sent -= w["sent0"]  # in the window
+    # Throughput: pings the geofence stage took in the window (at "max" the sender can
     # outrun the pipeline, so what was sent says little).
-    through = (await _taken(ports["geofence"]) - (taken0 or 0.0)) / (
-        time.monotonic() - (taken_t0 if taken0 is not None else t0)
-    )
+    through = (await _taken(ports["geofence"]) - w["taken0"]) / elapsed
     await asyncio.sleep(2.0)
     stop.set()
     await watcher
-    cpu = {n: cpu_seconds(p.pid) - cpu0[n] for n, p in procs.items()}
-    cpu_broker = broker_cpu(broker) - broker0
-    cpu_pg = tree_cpu(pg.proc.pid) - pg0
-    stages = {n: await _stage_quantiles(ports[n], before[n]) for n in SERVICES}
+    cpu = {n: cpu_seconds(p.pid) - w["cpu0"][n] for n, p in procs.items()}
+    cpu_broker = broker_cpu(broker) - w["broker0"]
+    cpu_pg = tree_cpu(pg_pid) - w["pg0"]
+    stages = {n: await _stage_quantiles(ports[n], w["before"][n]) for n in SERVICES}
     await consumer.stop()
     await producer.stop()
     lat = np.asarray(latencies or [float("nan")])
     row: dict[str, Any] = {
         "rate": rate or "max",
+        "warmup_s": w["warmup_s"],
+        "caught_up": w["caught_up"],
         "sent_per_s": sent / elapsed,
         "through_per_s": through,
         "statuses": len(latencies),
@@ -219,6 +238,19 @@ async def _taken(port: int) -> float:
     )
 
 
+async def _lag(port: int) -> float:
+    """Records a stage has yet to read, over its partitions (its dosewatch_consumer_lag);
+    infinite before it has read any (its consumer may not have joined yet)."""
+    async with httpx.AsyncClient() as client:
+        text = (await client.get(f"http://127.0.0.1:{port}/metrics")).text
+    lags = [
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith("dosewatch_consumer_lag{")
+    ]
+    return sum(lags) if lags else float("inf")
+
+
 async def _stage_quantiles(port: int, before: dict[float, float]) -> float:
     """p99 of one stage over the run (from histogram deltas; a bucket's upper bound), ms."""
     after = await _histogram(port)
@@ -252,7 +284,7 @@ async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--rates", default="1000,5000,10000,20000,0", help="0: as fast as it goes")
     parser.add_argument("--seconds", type=float, default=10.0, help="measured, after warm-up")
-    parser.add_argument("--warmup", type=float, default=2.0)
+    parser.add_argument("--warmup", type=float, default=2.0, help="at least; then until caught up")
     parser.add_argument("--zones", type=int, default=5000, help="per rate")
     parser.add_argument("--interval", type=float, default=1.0, help="s between a unit's pings")
     parser.add_argument("--units", type=int, default=0, help="default: rate x interval")
