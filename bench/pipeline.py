@@ -1,12 +1,14 @@
 """The running services on the embedded broker and PostgreSQL, at increasing ping rates.
 
     .venv/bin/python bench/pipeline.py [--rates 1000,5000,10000,0] [--seconds 10]
+                                       [--partitions 4]
 
 Each service runs as its own process (as deployed). For every rate it prints throughput,
 CPU seconds per 1,000 pings for each service, and the p50/p99/p999 latency from a ping being
 produced to the zone status it caused being produced (rate 0 means as fast as possible).
 Latency is sampled on a zone's due -> active change, which the ping of the first unit to
 arrive causes; units work beats (see `beats`) so that such changes happen all the time.
+The measured window opens once every stage has caught up with the load (see `run_rate`).
 """
 
 from __future__ import annotations
@@ -288,6 +290,9 @@ async def main() -> None:
     parser.add_argument("--zones", type=int, default=5000, help="per rate")
     parser.add_argument("--interval", type=float, default=1.0, help="s between a unit's pings")
     parser.add_argument("--units", type=int, default=0, help="default: rate x interval")
+    parser.add_argument(
+        "--partitions", type=int, default=4, help="of each topic (DOSEWATCH_PARTITIONS)"
+    )
     args = parser.parse_args()
     async with embedded_stack() as st:
         rows = await run_rates(args, st)
@@ -309,6 +314,7 @@ async def run_rates(args: argparse.Namespace, st: Stack) -> list[dict[str, Any]]
         "DOSEWATCH_KAFKA_BOOTSTRAP": st.broker.bootstrap,
         "DOSEWATCH_DATABASE_URL": st.url,
         "DOSEWATCH_LOG_LEVEL": "WARNING",
+        "DOSEWATCH_PARTITIONS": str(args.partitions),
     }
     rows: list[dict[str, Any]] = []
     for i, rate in enumerate(rates):
@@ -319,9 +325,10 @@ async def run_rates(args: argparse.Namespace, st: Stack) -> list[dict[str, Any]]
         procs, ports = await start_services(env | {"DOSEWATCH_TOPIC_PREFIX": prefix}, st.state)
         try:
             own = features[i * args.zones : (i + 1) * args.zones]
-            rows.append(await run_rate(rate, args.seconds, st.broker, prefix, own, procs,
-                                       args.units, args.interval, ports,
-                                       args.warmup, st.pg))  # fmt: skip
+            row = {"partitions": args.partitions}
+            row |= await run_rate(rate, args.seconds, st.broker, prefix, own, procs, args.units,
+                                  args.interval, ports, args.warmup, st.pg)  # fmt: skip
+            rows.append(row)
         finally:
             for p in procs.values():
                 p.terminate()
