@@ -189,36 +189,38 @@ class ZoneIndex:
             & (plat >= self._lat0.take(zn))
             & (plat <= self._lat1.take(zn))
         )
-        sure, k = self._sides_lonlat.settle(zn[k], plon[k], plat[k], k)
+        sure, k = self._sides_lonlat.settle(zn.take(k), plon.take(k), plat.take(k), k)
         clear = sure.d2 > _SLACK_DEG**2
         inside[sure.pair[clear]] = sure.crossed[clear]
         k = np.concatenate([k, sure.pair[~clear]])
         if len(k):
-            inside[k] = shapely.intersects_xy(self._lonlat[zn[k]], plon[k], plat[k])
+            inside[k] = shapely.intersects_xy(
+                self._lonlat.take(zn.take(k)), plon.take(k), plat.take(k)
+            )
         # The rest need metres: pairs not inside, and inside pairs of zones not certain to hold
         # their points in their metric bounds. Each point involved is projected once.
         hit = inside.copy()
         need = np.flatnonzero(~inside | ~self._safe.take(zn))
         if len(need):
-            p = pt[need]  # ascending
+            p = pt.take(need)  # ascending
             first = np.empty(len(p), dtype=np.bool_)
             first[0] = True
             np.not_equal(p[1:], p[:-1], out=first[1:])
             ux, uy = self.projection.forward(lon[p[first]], lat[p[first]])
             which = np.cumsum(first) - 1
-            px, py, z = ux.take(which), uy.take(which), zn[need]
+            px, py, z = ux.take(which), uy.take(which), zn.take(need)
             inbox = (
                 (px >= self._mx0.take(z))
                 & (px <= self._mx1.take(z))
                 & (py >= self._my0.take(z))
                 & (py <= self._my1.take(z))
             )
-            was_inside = inside[need]
+            was_inside = inside.take(need)
             hit[need] = was_inside & inbox
             k = np.flatnonzero(~was_inside & inbox)
-            hit[need[k]] = self._near(z[k], px[k], py[k])
+            hit[need.take(k)] = self._near(z.take(k), px.take(k), py.take(k))
         keep = np.flatnonzero(hit)
-        return Hits(pt[keep], zn[keep], inside[keep])
+        return Hits(pt.take(keep), zn.take(keep), inside.take(keep))
 
     def _near(self, zone: IntArray, x: FloatArray, y: FloatArray) -> BoolArray:
         """Within the buffer in metres: clearly within it of a side (or inside the metric
@@ -305,16 +307,18 @@ class _Sides:
         self, zone: IntArray, px: FloatArray, py: FloatArray, pair: IntArray
     ) -> tuple[_Measured, IntArray]:
         """Measure the pairs whose zone has few enough sides; return them and the others."""
-        ok = self.usable[zone]
+        ok = self.usable.take(zone)
         if not ok.all():
             zone, px, py, left, pair = zone[ok], px[ok], py[ok], pair[~ok], pair[ok]
         else:
             left = pair[:0]
         if len(pair) == 0:
             return _Measured(pair, np.empty(0), np.empty(0, dtype=np.bool_)), left
-        count = self.count[zone]
+        count = self.count.take(zone)
         first = np.cumsum(count) - count
-        side = np.repeat(self.start[zone] - first, count) + np.arange(int(first[-1] + count[-1]))
+        side = np.repeat(self.start.take(zone) - first, count) + np.arange(
+            int(first[-1] + count[-1])
+        )
         r = self.rows.take(side, axis=0)  # one gather of whole rows: far faster than [side]
         ax, ay, by, dx, dy, inv_len2, inv_dy = r.T
         wx = np.repeat(px, count) - ax
@@ -403,12 +407,12 @@ class _Grid:
         parts_b: list[IntArray] = []
         if self.levels:
             idx = np.flatnonzero((x >= self.ox) & (x <= self.ex) & (y >= self.oy) & (y <= self.ey))
-            xs, ys = x[idx], y[idx]
+            xs, ys = x.take(idx), y.take(idx)
             for level in self.levels:
                 cell = self._cells(xs, self.ox, level.cell) * level.rows
                 cell += self._cells(ys, self.oy, level.cell)
-                start = level.starts[cell]
-                count = level.starts[cell + 1] - start
+                start = level.starts.take(cell)
+                count = level.starts.take(cell + 1) - start
                 total = int(count.sum())
                 if total == 0:
                     continue
@@ -416,7 +420,7 @@ class _Grid:
                 ends = np.cumsum(count)
                 offset = np.repeat(start - (ends - count), count)
                 parts_p.append(np.repeat(idx, count))
-                parts_b.append(level.boxes[offset + np.arange(total)])
+                parts_b.append(level.boxes.take(offset + np.arange(total)))
         if len(self.loose):
             p, b = np.divmod(np.arange(len(x) * len(self.loose)), len(self.loose))
             parts_p.append(p.astype(np.intp))
@@ -425,16 +429,17 @@ class _Grid:
             empty = np.empty(0, dtype=np.intp)
             return empty, empty
         pt, bx = np.concatenate(parts_p), np.concatenate(parts_b)
+        xp, yp = x.take(pt), y.take(pt)
         keep = (
-            (x[pt] >= self.x0[bx])
-            & (x[pt] <= self.x1[bx])
-            & (y[pt] >= self.y0[bx])
-            & (y[pt] <= self.y1[bx])
+            (xp >= self.x0.take(bx))
+            & (xp <= self.x1.take(bx))
+            & (yp >= self.y0.take(bx))
+            & (yp <= self.y1.take(bx))
         )
         pt, bx = pt[keep], bx[keep]
         if len(parts_p) > 1:
             order = np.argsort(pt * self.count + bx, kind="stable")
-            pt, bx = pt[order], bx[order]
+            pt, bx = pt.take(order), bx.take(order)
         return pt, bx
 
 
