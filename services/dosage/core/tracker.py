@@ -10,7 +10,7 @@ from __future__ import annotations
 import heapq
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from enum import Enum
+from enum import StrEnum
 from typing import Any
 
 import numpy as np
@@ -31,7 +31,9 @@ class Fix:
     accuracy_m: float | None = None
 
 
-class VisitEventKind(Enum):
+# StrEnum, not Enum: a plain Enum member hashes in Python (Enum.__hash__), and every event's
+# kind is a dict key on its way out (the CloudEvent type, the board's stage).
+class VisitEventKind(StrEnum):
     STARTED = "started"
     TARGET_MET = "target_met"
     OVERSTAY = "overstay"

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from enum import Enum, IntEnum, StrEnum
+from enum import IntEnum, StrEnum
 
 from services.dosage.core.params import ZoneRules
 
@@ -35,7 +35,7 @@ class EndReason(StrEnum):
     ZONE_CHANGED = "zone_changed"
 
 
-class Moment(Enum):
+class Moment(StrEnum):  # StrEnum: hashed (as a dict key) in C
     """Things worth telling the world that a single observation can cause."""
 
     TARGET_MET = "target_met"
