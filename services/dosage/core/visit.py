@@ -77,7 +77,7 @@ class Visit:
 
     @classmethod
     def open(cls, unit_id: str, zone_id: str, ts: int) -> Visit:
-        return cls(unit_id, zone_id, started_at=ts, last_in=ts, last_seen=ts)
+        return cls(unit_id, zone_id, ts, ts, ts)  # started_at, last_in, last_seen
 
     @property
     def duration_ms(self) -> int:
