@@ -1,13 +1,16 @@
-"""CPU instructions per ping of the core (index plus visit rules), counted by valgrind.
+"""CPU instructions per ping of the core, or of the geofence service's own work, by valgrind.
 
-    .venv/bin/python bench/instructions.py [--zones 10000] [--units 5000] [--steps 20]
+    .venv/bin/python bench/instructions.py [--stage core|geofence] [--zones 10000]
+                                           [--units 5000] [--steps 20]
 
 Timings on this project's shared 2-core machines vary by 10-20% from run to run, which hides
 the few per cent a change to the hot path is worth. Instructions executed do not depend on
 what else the machine is doing: the same tree gives the same count, to the instruction.
 So this runs the patrol of `bench/geofence.py` under `valgrind --tool=callgrind`, counting
 only the thread that runs it (imports and set-up, left out, vary by a few per cent from run
-to run), and prints instructions per ping. Run it on two trees to compare them. Needs
+to run), and prints instructions per ping. `--stage geofence` adds what the geofence service
+does around the core on each fetch, short of the Kafka client and the database (see
+`workload`). Run it on two trees to compare them. Needs
 valgrind (Debian's package of that name); slow, about a minute at the defaults.
 """
 
@@ -21,6 +24,7 @@ import shutil
 import subprocess
 import sys
 import threading
+from functools import partial
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -28,11 +32,22 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench._city import save, table
 
 
-def workload(zones: int, units: int, steps: int) -> tuple[int, int]:
+def workload(zones: int, units: int, steps: int, stage: str) -> None:
     """Build the city and the tracker, then run the patrol through it in batches, in a
-    thread of its own (`thread_run` in CPython is what valgrind counts)."""
+    thread of its own (`thread_run` in CPython is what valgrind counts).
+
+    `core`: the index and the visit rules on columns. `geofence`: the geofence service's own
+    work on a fetch, without its I/O: the records as ingest writes them read into columns,
+    the core, each visit event made a CloudEvent and serialised for producing, and the
+    changed units exported and encoded for the state save."""
+    import orjson
+
     from bench._city import patrol, zone_specs
+    from bench.geofence_service import normalised
+    from schemas.fastping import FastPings
     from services.common.runner import GC_THRESHOLDS
+    from services.common.statestore import PartitionStateStore
+    from services.dosage.core.events import visit_cloudevent
     from services.dosage.core.params import DosageParams
     from services.dosage.core.tracker import VisitTracker
     from services.geofence.core.index import ZoneIndex
@@ -45,22 +60,32 @@ def workload(zones: int, units: int, steps: int) -> tuple[int, int]:
     lon_list: list[float] = lon.tolist()
     lat_list: list[float] = lat.tolist()
     acc: list[float | None] = [None] * len(unit_ids)
+    values = [value for _key, value in normalised(unit_ids, ts, lon, lat)]
     tracker = VisitTracker(index, params)
     gc.set_threshold(*GC_THRESHOLDS)
-    events = [0]
+    batch = 8192
 
-    def run() -> None:
-        batch = 8192
+    def core() -> None:
         for start in range(0, len(unit_ids), batch):
             end = start + batch
-            events[0] += len(tracker.process_columns(unit_ids[start:end], t_list[start:end],
-                                                     lon_list[start:end], lat_list[start:end],
-                                                     acc[start:end]))  # fmt: skip
+            tracker.process_columns(unit_ids[start:end], t_list[start:end], lon_list[start:end],
+                                    lat_list[start:end], acc[start:end])  # fmt: skip
 
-    thread = threading.Thread(target=run)
+    def geofence() -> None:
+        reader, store = FastPings(), PartitionStateStore("bench", "pings")
+        for start in range(0, len(values), batch):
+            read = reader.read_lines([v + b"\n" for v in values[start : start + batch]])
+            events = tracker.process_columns(read.unit_id, read.ts, read.lon, read.lat,
+                                             read.accuracy_m)  # fmt: skip
+            outputs = [visit_cloudevent(e, "bench") for e in events]
+            _records = [(o["subject"].encode(), orjson.dumps(o)) for o in outputs]
+            rows = tracker.export_units(tracker.dirty)
+            tracker.dirty.clear()
+            store.encode(0, rows, partial(tracker.export_units, tracker.units))
+
+    thread = threading.Thread(target=core if stage == "core" else geofence)
     thread.start()
     thread.join()
-    return len(unit_ids), events[0]
 
 
 def counted(args: argparse.Namespace) -> int:
@@ -69,7 +94,7 @@ def counted(args: argparse.Namespace) -> int:
            # Counted only inside the thread that does the work: imports and set-up vary by a
            # few per cent from run to run (files, addresses); the work does not.
            "--collect-atstart=no", "--toggle-collect=thread_run",
-           sys.executable, __file__, "--child", "--zones", str(args.zones),
+           sys.executable, __file__, "--child", "--stage", args.stage, "--zones", str(args.zones),
            "--units", str(args.units), "--steps", str(args.steps)]  # fmt: skip
     # A fixed hash seed: set and dict orders (and so the work) are the same from run to run.
     env = os.environ | {"PYTHONHASHSEED": "0"}
@@ -85,16 +110,18 @@ def main() -> None:
     parser.add_argument("--zones", type=int, default=10_000)
     parser.add_argument("--units", type=int, default=5_000)
     parser.add_argument("--steps", type=int, default=20, help="pings per unit")
+    parser.add_argument("--stage", choices=["core", "geofence"], default="core")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        workload(args.zones, args.units, args.steps)
+        workload(args.zones, args.units, args.steps, args.stage)
         return
     if shutil.which("valgrind") is None:
         sys.exit("valgrind is not installed (Debian: apt-get install valgrind)")
     pings = args.units * args.steps
     work = counted(args)
     row = {
+        "stage": args.stage,
         "zones": args.zones,
         "pings": pings,
         "work_instructions": work,
@@ -104,6 +131,7 @@ def main() -> None:
         table(
             [row],
             [
+                ("stage", "stage"),
                 ("zones", "zones"),
                 ("pings", "pings"),
                 ("work_instructions", "instructions"),
