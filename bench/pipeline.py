@@ -169,7 +169,7 @@ async def run_rate(
         w["end"] = w["t0"] + seconds
 
     opener = asyncio.create_task(open_window())
-    while "end" not in w or time.monotonic() < w["end"]:
+    while not opener.done() or time.monotonic() < w.get("end", 0.0):
         # Catch up to the schedule: a slow ack must not lower the offered rate.
         n = max(1, int(rate * (time.monotonic() - t0 + step)) - sent) if rate else 2000
         stamp = format_ts(int(time.time() * 1000)).encode() + b'"}'
@@ -181,7 +181,7 @@ async def run_rate(
         sent += n
         if rate:
             await asyncio.sleep(max(0.0, t0 + sent / rate - time.monotonic()))
-    await opener
+    await opener  # raises what stopped it, if it failed
     elapsed = time.monotonic() - w["t0"]
     sent -= w["sent0"]  # in the window
     # Throughput: pings the geofence stage took in the window (at "max" the sender can
