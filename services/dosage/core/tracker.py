@@ -160,9 +160,8 @@ class VisitTracker:
         nowhere: dict[str, bool] = {}
         units = self.units
         mark_dirty = self.dirty.add
-        watch, watched = self._watch, self._watched
-        rules_by_id = self.index.rules_by_id
-        max_gap, max_accuracy, confirm = self._max_gap, self._max_accuracy, self._confirm
+        watch = self._watch
+        max_gap, max_accuracy = self._max_gap, self._max_accuracy
         shortcuts = self.shortcuts
         usable = low_accuracy = duplicate = late = i = 0  # counted here, added up at the end
         try:
@@ -170,7 +169,7 @@ class VisitTracker:
                 unit_id, t, acc = unit_ids[i], ts[i], accuracy_m[i]
                 clock = self.clock
                 if clock is None or t > clock:
-                    self.clock = clock = t
+                    self.clock = t
                     if watch and watch[0][0] < t - max_gap:
                         self._watchdog(out, t)
                 unit = units.get(unit_id)
@@ -192,35 +191,15 @@ class VisitTracker:
                     continue
                 usable += 1
                 lo, hi = first[i], first[i + 1]
-                opened = unit.open
-                if shortcuts:
-                    if not opened and (lo == hi or (hi - lo == 1 and not hit_inside[lo])):
-                        unit.last_usable = t  # no visit to judge, and none to open
-                        continue
-                    # The commonest pings of a patrol: in (or back in) the one zone the unit
-                    # visits, or gone from it while its exit waits for confirmation. No event;
-                    # only the visit moves (Visit.stay and Visit.away, observe's shortcuts).
-                    kept = False
-                    if (
-                        len(opened) == 1
-                        and (prev is None or t - prev <= max_gap)
-                        and clock - t <= max_gap
-                    ):
-                        if lo == hi:
-                            kept = next(iter(opened.values())).away(t, confirm)
-                        elif hi - lo == 1:
-                            zone_id = zone_ids[hit_zone[lo]]
-                            visit = opened.get(zone_id)
-                            if visit is not None:
-                                kept = visit.stay(t, rules_by_id[zone_id])
-                            elif not hit_inside[lo]:  # only near another zone: gone from this
-                                kept = next(iter(opened.values())).away(t, confirm)
-                    if kept:
-                        unit.last_usable = t
-                        if unit_id not in watched:
-                            watched.add(unit_id)
-                            heapq.heappush(watch, (t, unit_id))
-                        continue
+                # No visit to judge, and none to open: the rules would only note the ping.
+                # (A unit's quiet pings in its open visits take `_usable`'s shortcuts.)
+                if (
+                    shortcuts
+                    and not unit.open
+                    and (lo == hi or (hi - lo == 1 and not hit_inside[lo]))
+                ):
+                    unit.last_usable = t
+                    continue
                 if lo == hi:
                     here = nowhere
                 elif hi - lo == 1:  # a display, not a comprehension (a frame of its own)
