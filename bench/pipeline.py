@@ -154,12 +154,13 @@ async def run_rate(
     async def open_window() -> None:
         await asyncio.sleep(warmup_s)
         deadline = time.monotonic() + WARMUP_MAX_S
+        behind = max(100, rate // 50)  # records: 20 ms of pings
         while True:
-            lag = max([await _lag(ports[n]) for n in SERVICES])
-            if lag <= max(100, rate // 50) or time.monotonic() >= deadline:
+            caught_up = max([await _lag(ports[n]) for n in SERVICES]) <= behind
+            if caught_up or time.monotonic() >= deadline:
                 break
             await asyncio.sleep(0.25)
-        w["caught_up"], w["warmup_s"] = lag <= max(100, rate // 50), time.monotonic() - t0
+        w["caught_up"], w["warmup_s"] = caught_up, time.monotonic() - t0
         measure_from_ms[0] = time.time() * 1000
         w["cpu0"] = {n: cpu_seconds(p.pid) for n, p in procs.items()}
         w["broker0"], w["pg0"] = broker_cpu(broker), tree_cpu(pg_pid)
@@ -217,39 +218,35 @@ async def run_rate(
     return row
 
 
-async def _histogram(port: int) -> dict[float, float]:
-    """Cumulative bucket counts of this process's ping-to-output latency histogram."""
+async def _samples(port: int, name: str) -> list[tuple[str, float]]:
+    """(labels, value) of each sample of one metric, scraped from a service's /metrics."""
     async with httpx.AsyncClient() as client:
         text = (await client.get(f"http://127.0.0.1:{port}/metrics")).text
+    return [
+        (line[len(name) : line.rindex(" ")], float(line.rsplit(" ", 1)[1]))
+        for line in text.splitlines()
+        if line.startswith(name + "{")
+    ]
+
+
+async def _histogram(port: int) -> dict[float, float]:
+    """Cumulative bucket counts of this process's ping-to-output latency histogram."""
     out: dict[float, float] = {}
-    for line in text.splitlines():
-        if line.startswith("dosewatch_event_latency_seconds_bucket"):
-            le = line.split('le="')[1].split('"')[0]
-            out[float("inf") if le == "+Inf" else float(le)] = float(line.rsplit(" ", 1)[1])
+    for labels, count in await _samples(port, "dosewatch_event_latency_seconds_bucket"):
+        le = labels.split('le="')[1].split('"')[0]
+        out[float("inf") if le == "+Inf" else float(le)] = count
     return out
 
 
 async def _taken(port: int) -> float:
     """Pings a stage has taken so far (its dosewatch_pings_in_total)."""
-    async with httpx.AsyncClient() as client:
-        text = (await client.get(f"http://127.0.0.1:{port}/metrics")).text
-    return sum(
-        float(line.rsplit(" ", 1)[1])
-        for line in text.splitlines()
-        if line.startswith("dosewatch_pings_in_total{")
-    )
+    return sum(v for _, v in await _samples(port, "dosewatch_pings_in_total"))
 
 
 async def _lag(port: int) -> float:
     """Records a stage has yet to read, over its partitions (its dosewatch_consumer_lag);
     infinite before it has read any (its consumer may not have joined yet)."""
-    async with httpx.AsyncClient() as client:
-        text = (await client.get(f"http://127.0.0.1:{port}/metrics")).text
-    lags = [
-        float(line.rsplit(" ", 1)[1])
-        for line in text.splitlines()
-        if line.startswith("dosewatch_consumer_lag{")
-    ]
+    lags = [v for _, v in await _samples(port, "dosewatch_consumer_lag")]
     return sum(lags) if lags else float("inf")
 
 
