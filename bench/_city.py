@@ -8,7 +8,7 @@ import platform
 import subprocess
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import numpy.typing as npt
@@ -18,7 +18,12 @@ from dosewatch.demo import CENTER_LAT, CENTER_LON, make_zones
 from schemas.zone import parse_zone_collection
 from services.geofence.core.zone import ZoneSpec
 
+if TYPE_CHECKING:
+    from services.dosage.core.tracker import VisitTracker
+
 RESULTS = Path(__file__).parent / "results"
+# A patrol as the geofence service holds a fetch: columns (unit, ts, lon, lat, accuracy).
+Columns = tuple[list[str], list[int], list[float], list[float], list[float | None]]
 
 
 def zone_specs(count: int, seed: int = 1, box_km: float = 30.0) -> list[ZoneSpec]:
@@ -61,6 +66,24 @@ def environment() -> dict[str, Any]:
         "cpus": os.cpu_count(),
         "machine": platform.machine(),
     }
+
+
+def columns(
+    unit_ids: list[str], ts: npt.NDArray[np.int64], lon: npt.NDArray[np.float64],
+    lat: npt.NDArray[np.float64],
+) -> Columns:  # fmt: skip
+    """A `patrol` as lists, without accuracies."""
+    return unit_ids, ts.tolist(), lon.tolist(), lat.tolist(), [None] * len(unit_ids)
+
+
+def feed(tracker: VisitTracker, cols: Columns, batch: int) -> int:
+    """Run the pings through the tracker `batch` at a time, in order; the events made."""
+    unit_ids, ts, lon, lat, acc = cols
+    events = 0
+    for i in range(0, len(unit_ids), batch):
+        j = i + batch
+        events += len(tracker.process_columns(unit_ids[i:j], ts[i:j], lon[i:j], lat[i:j], acc[i:j]))
+    return events
 
 
 def save(name: str, rows: list[dict[str, Any]]) -> Path:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench._city import patrol, points, save, table, zone_specs
+from bench._city import columns, feed, patrol, points, save, table, zone_specs
 from services.common.runner import GC_THRESHOLDS
 from services.dosage.core.params import DosageParams
 from services.dosage.core.tracker import VisitTracker
@@ -47,21 +47,12 @@ def main() -> None:
         # Index + rules: patrolling units, in time order, as a partition would deliver them.
         # As the geofence service holds a fetch: columns (`process_columns`), with the
         # collector at the services' thresholds.
-        unit_ids, ts, plon, plat = patrol(zones, args.units, max(1, args.points // args.units))
-        t_list: list[int] = ts.tolist()
-        lon_list: list[float] = plon.tolist()
-        lat_list: list[float] = plat.tolist()
-        acc: list[float | None] = [None] * len(unit_ids)
+        cols = columns(*patrol(zones, args.units, max(1, args.points // args.units)))
         tracker = VisitTracker(index, params)
         before = gc.get_threshold()
         gc.set_threshold(*GC_THRESHOLDS)
         t0 = time.perf_counter()
-        events = 0
-        for start in range(0, len(unit_ids), args.batch):
-            end = start + args.batch
-            events += len(tracker.process_columns(unit_ids[start:end], t_list[start:end],
-                                                  lon_list[start:end], lat_list[start:end],
-                                                  acc[start:end]))  # fmt: skip
+        events = feed(tracker, cols, args.batch)
         rules_s = time.perf_counter() - t0
         gc.set_threshold(*before)
         rows.append(
@@ -71,7 +62,7 @@ def main() -> None:
                 "build_s": build_s,
                 "inside_share": inside / args.points,
                 "index_pts_per_s": args.points / index_s,
-                "rules_pts_per_s": len(unit_ids) / rules_s,
+                "rules_pts_per_s": len(cols[0]) / rules_s,
                 "events": events,
             }
         )

@@ -42,7 +42,7 @@ def workload(zones: int, units: int, steps: int, stage: str) -> None:
     changed units exported and encoded for the state save."""
     import orjson
 
-    from bench._city import patrol, zone_specs
+    from bench._city import columns, feed, patrol, zone_specs
     from bench.geofence_service import normalised
     from schemas.fastping import FastPings
     from services.common.runner import GC_THRESHOLDS
@@ -56,20 +56,14 @@ def workload(zones: int, units: int, steps: int, stage: str) -> None:
     specs = zone_specs(zones)
     index = ZoneIndex(specs, params)
     unit_ids, ts, lon, lat = patrol(specs, units, steps)
-    t_list: list[int] = ts.tolist()
-    lon_list: list[float] = lon.tolist()
-    lat_list: list[float] = lat.tolist()
-    acc: list[float | None] = [None] * len(unit_ids)
+    cols = columns(unit_ids, ts, lon, lat)
     values = [value for _key, value in normalised(unit_ids, ts, lon, lat)]
     tracker = VisitTracker(index, params)
     gc.set_threshold(*GC_THRESHOLDS)
     batch = 8192
 
     def core() -> None:
-        for start in range(0, len(unit_ids), batch):
-            end = start + batch
-            tracker.process_columns(unit_ids[start:end], t_list[start:end], lon_list[start:end],
-                                    lat_list[start:end], acc[start:end])  # fmt: skip
+        feed(tracker, cols, batch)
 
     def geofence() -> None:
         reader, store = FastPings(), PartitionStateStore("bench", "pings")

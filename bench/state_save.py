@@ -29,7 +29,7 @@ import orjson
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench._city import patrol, save, table, zone_specs
+from bench._city import columns, feed, patrol, save, table, zone_specs
 from bench._stack import embedded_postgres, state_dir
 from bench.pipeline import tree_cpu
 from services.common import db
@@ -83,8 +83,8 @@ async def measure(units_per_save: int, saves: int, rounds: int) -> list[dict[str
     zones = zone_specs(10_000)
     index = ZoneIndex(zones, DosageParams())
     tracker = VisitTracker(index, DosageParams())
-    ids, ts, lon, lat = patrol(zones, 10_000, 20)
-    tracker.process_columns(ids, ts.tolist(), lon.tolist(), lat.tolist(), [None] * len(ids))
+    cols = columns(*patrol(zones, 10_000, 20))
+    feed(tracker, cols, len(cols[0]))
     units = tracker.export_units(tracker.units)
     rng = random.Random(5)
     names = list(units)
