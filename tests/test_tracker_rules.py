@@ -188,6 +188,18 @@ CASES: dict[str, Case] = {
         [(U, "A", 0, 0, EXITED), (U, "B", 0, 100, EOI)],
     ),
     # -- near (hysteresis)
+    # A leaves at 30 and B at 60: at 90 only A's exit is a minute old; at the end B's is not.
+    "two visits' exits wait and confirm each on its own clock": Case(
+        [
+            P(U, 0, "AB"),
+            P(U, 30, "B"),
+            P(U, 60, "far"),
+            P(U, 89.999, "far"),
+            P(U, 90, "far"),
+            P(U, 119.999, "far"),
+        ],
+        [(U, "A", 0, 0, EXITED), (U, "B", 0, 30, EOI)],
+    ),
     "near does not open a visit": Case([P(U, 0, "A_near"), P(U, 30, "A_near")], []),
     "near then inside opens at the inside ping": Case(
         [P(U, 0, "A_near"), P(U, 30, "A")], [(U, "A", 30, 30, EOI)]
