@@ -15,7 +15,7 @@ from typing import Annotated
 import msgspec
 
 from schemas.ping import UNIT_ID_PATTERN
-from schemas.timefmt import parse_ts
+from schemas.timefmt import SUFFIX_MS, parse_ts
 
 _Lat = Annotated[float, msgspec.Meta(ge=-90.0, le=90.0)]
 _Lon = Annotated[float, msgspec.Meta(ge=-180.0, le=180.0)]
@@ -40,8 +40,6 @@ class _WirePing(msgspec.Struct, forbid_unknown_fields=True, gc=False):
 
 _UNIT_ID = re.compile(UNIT_ID_PATTERN.removeprefix("^").removesuffix("$"))
 _DECODE_ERRORS = (msgspec.DecodeError, ValueError, RecursionError)  # ValueError: bad UTF-8
-# The end of a canonical time, ".123Z", and its milliseconds (ASCII digits only).
-_MILLIS = {f".{ms:03d}Z": ms for ms in range(1000)}
 PingFields = tuple[str, int, float, float, float | None]  # unit_id, ts, lon, lat, accuracy_m
 # Every field of the `Ping` model, in its order: unit_id, ts, lat, lon, accuracy_m, speed_mps,
 # heading_deg, source (None: absent or null).
@@ -144,7 +142,7 @@ class FastPings:
             # The canonical form (as every service writes it), its second seen before: the
             # common case, in a few dict lookups. Anything else: `_ts`.
             if type(value) is str and len(value) == 24:
-                millis = _MILLIS.get(value[19:])
+                millis = SUFFIX_MS.get(value[19:])
                 if millis is not None:
                     second = seconds.get(value[:19])
                     if second is not None:
@@ -187,7 +185,7 @@ class FastPings:
 
     def _ts(self, value: str | int) -> int | None:
         """`parse_ts`, with the second of the canonical form looked up in a dict of its own."""
-        millis = _MILLIS.get(value[19:]) if isinstance(value, str) and len(value) == 24 else None
+        millis = SUFFIX_MS.get(value[19:]) if isinstance(value, str) and len(value) == 24 else None
         if isinstance(value, str) and millis is not None:
             second = self._seconds.get(value[:19])
             if second is None:

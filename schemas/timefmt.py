@@ -15,7 +15,10 @@ _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _MS = timedelta(milliseconds=1)
 
 
-_MILLIS = {f"{ms:03d}": ms for ms in range(1000)}  # the canonical form's ".123", ASCII only
+# The end of every time written here, ".123Z", by millisecond, and back (ASCII digits only): a
+# tuple index and a dict lookup instead of formatting or parsing the digits.
+MS_SUFFIX = tuple(f".{ms:03d}Z" for ms in range(1000))
+SUFFIX_MS = {suffix: ms for ms, suffix in enumerate(MS_SUFFIX)}
 _MIN_MS = -62_135_596_800_000  # 0001-01-01T00:00:00.000Z
 _MAX_MS = 253_402_300_799_999  # 9999-12-31T23:59:59.999Z
 
@@ -32,8 +35,8 @@ def parse_ts(value: object) -> int:
             raise ValueError("epoch milliseconds out of range (years 1–9999)")
         return value
     if isinstance(value, str):
-        millis = _MILLIS.get(value[20:23]) if len(value) == 24 and value[19] == "." else None
-        if millis is not None and value[23] == "Z":
+        millis = SUFFIX_MS.get(value[19:]) if len(value) == 24 else None
+        if millis is not None:
             # The canonical form every service writes: the seconds part is cached.
             seconds = _canonical_second(value[:19])
             if seconds is not None:
@@ -61,7 +64,7 @@ def parse_ts(value: object) -> int:
 def format_ts(ms: int) -> str:
     """Epoch milliseconds -> RFC 3339 UTC with milliseconds and 'Z'."""
     seconds, millis = divmod(ms, 1000)
-    return f"{_format_second(seconds)}.{millis:03d}Z"
+    return _format_second(seconds) + MS_SUFFIX[millis]
 
 
 @lru_cache(maxsize=65_536)
