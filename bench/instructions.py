@@ -24,7 +24,6 @@ import shutil
 import subprocess
 import sys
 import threading
-from functools import partial
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -37,45 +36,45 @@ def workload(zones: int, units: int, steps: int, stage: str) -> None:
     thread of its own (`thread_run` in CPython is what valgrind counts).
 
     `core`: the index and the visit rules on columns. `geofence`: the geofence service's own
-    work on a fetch, without its I/O: the records as ingest writes them read into columns,
-    the core, each visit event made a CloudEvent and serialised for producing, and the
-    changed units exported and encoded for the state save."""
-    import orjson
+    work on a fetch, by its own methods, without its I/O: `GeofenceService.process` on the
+    records as ingest writes them (read into columns, the core, a CloudEvent per visit event),
+    the events serialised as `publish` hands them to the producer, and the state save
+    encoded (`state_changes`: the changed units exported)."""
+    from aiokafka import ConsumerRecord
 
     from bench._city import columns, feed, patrol, zone_specs
     from bench.geofence_service import normalised
-    from schemas.fastping import FastPings
     from services.common.runner import GC_THRESHOLDS
-    from services.common.statestore import PartitionStateStore
-    from services.dosage.core.events import visit_cloudevent
     from services.dosage.core.params import DosageParams
     from services.dosage.core.tracker import VisitTracker
     from services.geofence.core.index import ZoneIndex
+    from services.geofence.service import GeofenceService, GeofenceSettings, kafka_records
 
     params = DosageParams()
     specs = zone_specs(zones)
     index = ZoneIndex(specs, params)
     unit_ids, ts, lon, lat = patrol(specs, units, steps)
     cols = columns(unit_ids, ts, lon, lat)
-    values = [value for _key, value in normalised(unit_ids, ts, lon, lat)]
-    tracker = VisitTracker(index, params)
     gc.set_threshold(*GC_THRESHOLDS)
     batch = 8192
 
     def core() -> None:
-        feed(tracker, cols, batch)
+        feed(VisitTracker(index, params), cols, batch)
+
+    service = GeofenceService(GeofenceSettings(dosage=params))
+    service.index = index
+    service.restore_partition(0, {})
+    service.partitions[0] = (None, 0.0)
+    records = [
+        ConsumerRecord("avl.pings", 0, k, 0, 0, key, value, None, len(key), len(value), ())
+        for k, (key, value) in enumerate(normalised(unit_ids, ts, lon, lat))
+    ]
 
     def geofence() -> None:
-        reader, store = FastPings(), PartitionStateStore("bench", "pings")
-        for start in range(0, len(values), batch):
-            read = reader.read_lines([v + b"\n" for v in values[start : start + batch]])
-            events = tracker.process_columns(read.unit_id, read.ts, read.lon, read.lat,
-                                             read.accuracy_m)  # fmt: skip
-            outputs = [visit_cloudevent(e, "bench") for e in events]
-            _records = [(o["subject"].encode(), orjson.dumps(o)) for o in outputs]
-            rows = tracker.export_units(tracker.dirty)
-            tracker.dirty.clear()
-            store.encode(0, rows, partial(tracker.export_units, tracker.units))
+        for start in range(0, len(records), batch):
+            outputs, _newest = service.process(0, records[start : start + batch])
+            _records = list(kafka_records(outputs))
+            service.state_changes()
 
     thread = threading.Thread(target=core if stage == "core" else geofence)
     thread.start()

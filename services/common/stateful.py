@@ -250,13 +250,14 @@ class StatefulService(abc.ABC):
         The next batch is fetched and processed while this one is written; the one after
         waits for it. Saves stay in order, and each holds the state that goes with its
         offsets, so the commit order is unchanged: outputs acked, then state and offsets."""
-        changes = self._state_changes()
+        changes = self.state_changes()
         previous = self._saving
         self._saving = asyncio.create_task(
             self._write_after(previous, changes, outputs, offsets, acks)
         )
 
-    def _state_changes(self) -> list[Change]:
+    def state_changes(self) -> list[Change]:
+        """Each partition's state to save now, encoded (taking the changes marked so far)."""
         out = []
         for p in list(self.partitions):
             change = self.store.encode(p, self.dirty_state(p), partial(self.full_state, p))

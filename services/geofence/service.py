@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import asyncpg
@@ -290,10 +291,13 @@ class GeofenceService(StatefulService):
             return
         assert self.out is not None
         topic = self.gsettings.topic_visits
-        await self.out.send(
-            topic, ((o["subject"].encode(), orjson.dumps(o)) for o in outputs), wait=False
-        )
+        await self.out.send(topic, kafka_records(outputs), wait=False)
         EVENTS_OUT.labels(self.name, topic).inc(len(outputs))
+
+
+def kafka_records(outputs: list[dict[str, Any]]) -> Iterator[tuple[bytes, bytes]]:
+    """Events as the visits topic carries them: keyed by zone (the subject), JSON."""
+    return ((o["subject"].encode(), orjson.dumps(o)) for o in outputs)
 
 
 async def main(settings: GeofenceSettings | None = None) -> None:
