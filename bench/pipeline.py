@@ -1,7 +1,7 @@
 """The running services on the embedded broker and PostgreSQL, at increasing ping rates.
 
     .venv/bin/python bench/pipeline.py [--rates 1000,5000,10000,0] [--seconds 10]
-                                       [--partitions 1]
+                                       [--partitions 4]
 
 Each service runs as its own process (as deployed). For every rate it prints throughput,
 CPU seconds per 1,000 pings for each service, and the p50/p99/p999 latency from a ping being
@@ -288,10 +288,7 @@ async def main() -> None:
     parser.add_argument("--interval", type=float, default=1.0, help="s between a unit's pings")
     parser.add_argument("--units", type=int, default=0, help="default: rate x interval")
     parser.add_argument(
-        "--partitions",
-        type=int,
-        default=1,
-        help="of each topic (DOSEWATCH_PARTITIONS); 1 as `dosewatch up` gives the embedded broker",
+        "--partitions", type=int, default=4, help="of each topic (DOSEWATCH_PARTITIONS)"
     )
     args = parser.parse_args()
     async with embedded_stack() as st:

@@ -61,11 +61,6 @@ async def up(state_dir: Path, demo: bool, speed: float, units: int, zones: int) 
             await broker.start()
             embedded.append(broker)
             settings.kafka_bootstrap = broker.bootstrap
-            if "DOSEWATCH_PARTITIONS" not in os.environ:
-                # One process runs every stage here, so more partitions parallelise nothing,
-                # and the embedded broker's fetches cost more the more partitions it scans
-                # (docs/performance.md): about half the broker CPU with one.
-                settings.partitions = 1
         if "DOSEWATCH_DATABASE_URL" not in os.environ and settings.database_url_file is None:
             state_dir.chmod(state_dir.stat().st_mode | 0o711)
             pg = EmbeddedPostgres(
@@ -113,8 +108,7 @@ async def up(state_dir: Path, demo: bool, speed: float, units: int, zones: int) 
             tasks.append(asyncio.create_task(_stream_demo(settings, speed, units, zones)))
         ports = ", ".join(f"{s.name} http://127.0.0.1:{s.http.port}" for s in services)
         key = f"; admin key in {admin_key}" if admin_key else ""
-        kafka = f"kafka {settings.kafka_bootstrap}, partitions per topic {settings.partitions}"
-        print(f"dosewatch ready: {kafka}; {ports}{key}", flush=True)
+        print(f"dosewatch ready: kafka {settings.kafka_bootstrap}; {ports}{key}", flush=True)
         console = f"http://127.0.0.1:{services[-1].http.port}/"
         if console_key is not None:
             # The key rides in the fragment, which the browser never sends to a server.

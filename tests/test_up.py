@@ -3,7 +3,6 @@ whether it is stopped with Ctrl-C or killed with SIGKILL."""
 
 from __future__ import annotations
 
-import asyncio
 import os
 import re
 import signal
@@ -15,7 +14,6 @@ from pathlib import Path
 
 import httpx
 import pytest
-from aiokafka import AIOKafkaConsumer
 
 from services.common.embedded import free_port
 
@@ -45,17 +43,14 @@ def alive(pids: set[int]) -> set[int]:
     return living
 
 
-def start_up(
-    state: Path, extra: dict[str, str] | None = None
-) -> tuple[subprocess.Popen[str], list[str]]:
+def start_up(state: Path) -> tuple[subprocess.Popen[str], list[str]]:
     env = {k: v for k, v in os.environ.items()
-           if k not in ("DOSEWATCH_KAFKA_BOOTSTRAP", "DOSEWATCH_DATABASE_URL",
-                        "DOSEWATCH_PARTITIONS")}  # fmt: skip
+           if k not in ("DOSEWATCH_KAFKA_BOOTSTRAP", "DOSEWATCH_DATABASE_URL")}  # fmt: skip
     env |= {
         "DOSEWATCH_EMBEDDED_KAFKA_PORT": str(free_port()),
         "DOSEWATCH_LOG_LEVEL": "WARNING",
         "DOSEWATCH_API_PORT": str(free_port()),
-    } | (extra or {})
+    }
     proc = subprocess.Popen(
         [sys.executable, "-m", "dosewatch.cli", "up", "--state-dir", str(state)],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -100,42 +95,6 @@ def test_up_ready_then_ctrl_c_stops_everything(state_dir: Path) -> None:
     assert "dosewatch stopped" in rest
     assert not alive(kids)
     assert (state_dir / "pgdata" / "PG_VERSION").exists()  # the data stays for next time
-
-
-def test_embedded_broker_gets_one_partition_a_topic(state_dir: Path) -> None:
-    """One process runs every stage on the embedded stack: its topics get one partition
-    (DOSEWATCH_PARTITIONS still overrides), because the embedded broker's fetches cost more
-    with every partition and one instance per stage gains nothing from more."""
-    proc, lines = start_up(state_dir, {"DOSEWATCH_PARTITIONS": "2"})
-    try:
-        found = re.search(r"kafka ([0-9.:]+), partitions per topic (\d+)", lines[-1])
-        assert found is not None and found.group(2) == "2"
-        assert topic_partitions(found.group(1), "avl.pings") == 2
-    finally:
-        proc.send_signal(signal.SIGINT)
-        proc.communicate(timeout=30)
-    proc, lines = start_up(state_dir)
-    try:
-        found = re.search(r"kafka ([0-9.:]+), partitions per topic (\d+)", lines[-1])
-        assert found is not None and found.group(2) == "1"
-        assert topic_partitions(found.group(1), "avl.pings") == 1
-        assert topic_partitions(found.group(1), "dosage.visits") == 1
-    finally:
-        proc.send_signal(signal.SIGINT)
-        proc.communicate(timeout=30)
-
-
-def topic_partitions(bootstrap: str, topic: str) -> int:
-    async def count() -> int:
-        consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap)
-        await consumer.start()
-        try:
-            await consumer.topics()  # fetches the cluster's metadata
-            return len(consumer.partitions_for_topic(topic) or ())
-        finally:
-            await consumer.stop()
-
-    return asyncio.run(count())
 
 
 def test_kill_9_leaves_no_orphans(state_dir: Path) -> None:
