@@ -39,6 +39,9 @@ from services.ingest.service import IngestService, IngestSettings
 log = logging.getLogger("dosewatch.up")
 
 
+EMBEDDED_FETCH_MAX_WAIT_MS = 50
+
+
 class UpSettings(CommonSettings):
     embedded_kafka_port: int = Field(9092, ge=1, le=65535)
     embedded_postgres_port: int = Field(0, ge=0, le=65535)  # 0: any free port
@@ -61,6 +64,12 @@ async def up(state_dir: Path, demo: bool, speed: float, units: int, zones: int) 
             await broker.start()
             embedded.append(broker)
             settings.kafka_bootstrap = broker.bootstrap
+            if "DOSEWATCH_FETCH_MAX_WAIT_MS" not in os.environ:
+                # The embedded broker answers a fetch with nothing new about when the wait runs
+                # out, so at the services' 5 ms every idle consumer asks 200 times a second, and
+                # each ask costs it more as its topics grow (docs/performance.md). At demo
+                # rates a longer wait costs a few ms a hop and saves most of that.
+                settings.fetch_max_wait_ms = EMBEDDED_FETCH_MAX_WAIT_MS
         if "DOSEWATCH_DATABASE_URL" not in os.environ and settings.database_url_file is None:
             state_dir.chmod(state_dir.stat().st_mode | 0o711)
             pg = EmbeddedPostgres(
@@ -108,7 +117,8 @@ async def up(state_dir: Path, demo: bool, speed: float, units: int, zones: int) 
             tasks.append(asyncio.create_task(_stream_demo(settings, speed, units, zones)))
         ports = ", ".join(f"{s.name} http://127.0.0.1:{s.http.port}" for s in services)
         key = f"; admin key in {admin_key}" if admin_key else ""
-        print(f"dosewatch ready: kafka {settings.kafka_bootstrap}; {ports}{key}", flush=True)
+        kafka = f"kafka {settings.kafka_bootstrap} (fetch wait {settings.fetch_max_wait_ms} ms)"
+        print(f"dosewatch ready: {kafka}; {ports}{key}", flush=True)
         console = f"http://127.0.0.1:{services[-1].http.port}/"
         if console_key is not None:
             # The key rides in the fragment, which the browser never sends to a server.

@@ -43,14 +43,17 @@ def alive(pids: set[int]) -> set[int]:
     return living
 
 
-def start_up(state: Path) -> tuple[subprocess.Popen[str], list[str]]:
+def start_up(
+    state: Path, extra: dict[str, str] | None = None
+) -> tuple[subprocess.Popen[str], list[str]]:
     env = {k: v for k, v in os.environ.items()
-           if k not in ("DOSEWATCH_KAFKA_BOOTSTRAP", "DOSEWATCH_DATABASE_URL")}  # fmt: skip
+           if k not in ("DOSEWATCH_KAFKA_BOOTSTRAP", "DOSEWATCH_DATABASE_URL",
+                        "DOSEWATCH_FETCH_MAX_WAIT_MS")}  # fmt: skip
     env |= {
         "DOSEWATCH_EMBEDDED_KAFKA_PORT": str(free_port()),
         "DOSEWATCH_LOG_LEVEL": "WARNING",
         "DOSEWATCH_API_PORT": str(free_port()),
-    }
+    } | (extra or {})
     proc = subprocess.Popen(
         [sys.executable, "-m", "dosewatch.cli", "up", "--state-dir", str(state)],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -95,6 +98,21 @@ def test_up_ready_then_ctrl_c_stops_everything(state_dir: Path) -> None:
     assert "dosewatch stopped" in rest
     assert not alive(kids)
     assert (state_dir / "pgdata" / "PG_VERSION").exists()  # the data stays for next time
+
+
+@pytest.mark.parametrize(("env", "wait"), [({}, "50"), ({"DOSEWATCH_FETCH_MAX_WAIT_MS": "7"}, "7")])
+def test_embedded_broker_gets_a_longer_fetch_wait(
+    state_dir: Path, env: dict[str, str], wait: str
+) -> None:
+    """On the embedded broker the services wait 50 ms for a fetch unless told otherwise: at
+    5 ms its idle polling is most of the stack's CPU (docs/performance.md)."""
+    proc, lines = start_up(state_dir, env)
+    try:
+        found = re.search(r"kafka [0-9.:]+ \(fetch wait (\d+) ms\)", lines[-1])
+        assert found is not None and found.group(1) == wait
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.communicate(timeout=30)
 
 
 def test_kill_9_leaves_no_orphans(state_dir: Path) -> None:
