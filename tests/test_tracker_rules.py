@@ -187,7 +187,6 @@ CASES: dict[str, Case] = {
         [P(U, 0, "AB"), P(U, 30, "B"), P(U, 90, "B"), P(U, 100, "B")],
         [(U, "A", 0, 0, EXITED), (U, "B", 0, 100, EOI)],
     ),
-    # -- near (hysteresis)
     # A leaves at 30 and B at 60: at 90 only A's exit is a minute old; at the end B's is not.
     "two visits' exits wait and confirm each on its own clock": Case(
         [
@@ -200,6 +199,7 @@ CASES: dict[str, Case] = {
         ],
         [(U, "A", 0, 0, EXITED), (U, "B", 0, 30, EOI)],
     ),
+    # -- near (hysteresis)
     "near does not open a visit": Case([P(U, 0, "A_near"), P(U, 30, "A_near")], []),
     "near then inside opens at the inside ping": Case(
         [P(U, 0, "A_near"), P(U, 30, "A")], [(U, "A", 30, 30, EOI)]
