@@ -8,7 +8,7 @@ import platform
 import subprocess
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -16,10 +16,8 @@ import shapely
 
 from dosewatch.demo import CENTER_LAT, CENTER_LON, make_zones
 from schemas.zone import parse_zone_collection
+from services.dosage.core.tracker import VisitTracker
 from services.geofence.core.zone import ZoneSpec
-
-if TYPE_CHECKING:
-    from services.dosage.core.tracker import VisitTracker
 
 RESULTS = Path(__file__).parent / "results"
 # A patrol as the geofence service holds a fetch: columns (unit, ts, lon, lat, accuracy).
