@@ -110,17 +110,31 @@ class FastPings:
 
     def read_lines(self, lines: list[bytes]) -> PingColumns:
         """`read` for a run of lines, as columns."""
+        joined = b",".join(lines)
+        seams = joined.count(b"}\n,{")
+        if seams != len(lines) - 1:
+            seams += joined.count(b"}\r\n,{")
+        return self._read_joined(lines, joined, seams)
+
+    def read_values(self, values: list[bytes]) -> PingColumns:
+        """`read_lines` for messages without their newlines (Kafka record values), joined as
+        lines without a copy of each to end it with one."""
+        joined = b"\n,".join(values)
+        if joined.count(b"\n") != len(values) - 1:  # a message of several lines: not a line
+            return self._line_by_line(values)
+        return self._read_joined(values, joined, joined.count(b"}\n,{"))
+
+    def _read_joined(self, lines: list[bytes], joined: bytes, seams: int) -> PingColumns:
         # One call for the run: a JSON array of the lines, if that array's elements are the
         # lines. They are when every line starts with "{" and ends with "}" (and its newline)
         # and there are as many elements as lines: a value cannot run past the end of a line
         # inside a string (a raw newline is not allowed there), accepted pings hold no nested
         # objects, so a line's last "}" closes the object its first "{" opened.
-        joined = b",".join(lines)
         if (
             not lines
             or not lines[0].startswith(b"{")
             or not lines[-1].rstrip(b"\r\n").endswith(b"}")
-            or joined.count(b"}\n,{") + joined.count(b"}\r\n,{") != len(lines) - 1
+            or seams != len(lines) - 1
         ):
             return self._line_by_line(lines)
         try:

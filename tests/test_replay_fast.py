@@ -190,12 +190,12 @@ def by_line(lines: list[bytes]) -> tuple[list[Any], list[int]]:
     return [p for p in read if p is not None], [k for k, p in enumerate(read) if p is None]
 
 
-def test_read_lines_reads_each_line_as_read_does() -> None:
+def line_runs() -> dict[str, list[bytes]]:
     good = [
         dumps(GOOD | {"ts": 1778781600000 + k, "lat": 40.0 + k / 1e4}) + b"\n" for k in range(9)
     ]
     body = dumps(GOOD)[1:-1]
-    runs = {
+    return {
         "all good": good,
         "last line without newline": [*good[:-1], good[-1].rstrip(b"\n")],
         "windows newlines": [g.replace(b"\n", b"\r\n") for g in good],
@@ -228,6 +228,10 @@ def test_read_lines_reads_each_line_as_read_does() -> None:
         ],
         "one line": good[:1],
     }
+
+
+def test_read_lines_reads_each_line_as_read_does() -> None:
+    runs = line_runs()
     for name, lines in runs.items():
         read = FastPings().read_lines(lines)
         pings, unread = by_line(lines)
@@ -238,6 +242,35 @@ def test_read_lines_reads_each_line_as_read_does() -> None:
     assert FastPings().read_lines(runs["null island"]).unread == [4]
     assert FastPings().read_lines(runs["digits of another script"]).unread == [2]
     assert FastPings().read_lines(runs["on the equator"]).unread == []
+
+
+def test_read_values_reads_each_message_as_read_does() -> None:
+    """Kafka record values: messages without a newline of their own, read as lines are. A
+    message of several lines is not one line, so a run holding one is read message by message,
+    and a message cannot lend its tail to the next."""
+    runs = {name: [line.rstrip(b"\r\n") for line in lines] for name, lines in line_runs().items()}
+    good = runs["all good"]
+    pretty = orjson.dumps(GOOD, option=orjson.OPT_INDENT_2)
+    first, rest = dumps(GOOD).split(b', "lon"')
+    runs |= {
+        "a message of several lines": [*good[:3], pretty, *good[3:]],
+        "a message holding a seam": [*good[:3], good[3] + b"\n," + good[4], *good[5:]],
+        "a tail lent to the next message": [
+            *good[:3],
+            good[3] + b"\n," + first,
+            b'"lon"' + rest,
+            *good[4:],
+        ],
+        "no messages": [],
+    }
+    for name, values in runs.items():
+        read = FastPings().read_values(values)
+        pings, unread = by_line(values)
+        got = list(zip(read.unit_id, read.ts, read.lon, read.lat, read.accuracy_m, strict=True))
+        assert (got, read.unread) == (pings, unread), name
+    assert FastPings().read_values(runs["all good"]).unread == []
+    assert FastPings().read_values(runs["a message of several lines"]).unread == []
+    assert FastPings().read_values(runs["a tail lent to the next message"]).unread == [3, 4]
 
 
 def test_sample_read_in_runs() -> None:

@@ -222,7 +222,7 @@ class GeofenceService(StatefulService):
         tracker = self.trackers[partition]
         backlog, self._backlog = self._backlog, []
         # The whole fetch in one msgspec call, into columns: no object per ping.
-        read = self.reader.read_lines([(r.value or b"") + b"\n" for r in records])
+        read = self.reader.read_values([r.value or b"" for r in records])
         if read.unread:
             self._read_slowly(partition, records, read)
         n = len(read.ts)
