@@ -185,9 +185,14 @@ def _schemas(args: argparse.Namespace) -> int:
 def _up(args: argparse.Namespace) -> int:
     from dosewatch.up import up
     from services.common import logs
+    from services.common.embedded import EmbeddedError
 
     logs.configure("up")
-    asyncio.run(up(args.state_dir, args.demo, args.speed, args.units, args.demo_zones))
+    try:
+        asyncio.run(up(args.state_dir, args.demo, args.speed, args.units, args.demo_zones))
+    except EmbeddedError as e:
+        print(f"dosewatch up: {e}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -43,20 +43,32 @@ def alive(pids: set[int]) -> set[int]:
     return living
 
 
-def start_up(
-    state: Path, extra: dict[str, str] | None = None
-) -> tuple[subprocess.Popen[str], list[str]]:
+def up_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """The embedded stack on ports of its own."""
     env = {k: v for k, v in os.environ.items()
            if k not in ("DOSEWATCH_KAFKA_BOOTSTRAP", "DOSEWATCH_DATABASE_URL",
                         "DOSEWATCH_FETCH_MAX_WAIT_MS")}  # fmt: skip
-    env |= {
-        "DOSEWATCH_EMBEDDED_KAFKA_PORT": str(free_port()),
-        "DOSEWATCH_LOG_LEVEL": "WARNING",
-        "DOSEWATCH_API_PORT": str(free_port()),
-    } | (extra or {})
+    return (
+        env
+        | {
+            "DOSEWATCH_EMBEDDED_KAFKA_PORT": str(free_port()),
+            "DOSEWATCH_LOG_LEVEL": "WARNING",
+            "DOSEWATCH_API_PORT": str(free_port()),
+        }
+        | (extra or {})
+    )
+
+
+def up_command(state: Path) -> list[str]:
+    return [sys.executable, "-m", "dosewatch.cli", "up", "--state-dir", str(state)]
+
+
+def start_up(
+    state: Path, extra: dict[str, str] | None = None
+) -> tuple[subprocess.Popen[str], list[str]]:
     proc = subprocess.Popen(
-        [sys.executable, "-m", "dosewatch.cli", "up", "--state-dir", str(state)],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        up_command(state), env=up_env(extra), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        text=True,
     )  # fmt: skip
     lines: list[str] = []
     deadline = time.monotonic() + 60
@@ -113,6 +125,39 @@ def test_embedded_broker_gets_a_longer_fetch_wait(
     finally:
         proc.send_signal(signal.SIGINT)
         proc.communicate(timeout=30)
+
+
+def test_a_second_up_says_why_it_cannot_start(state_dir: Path) -> None:
+    """`dosewatch up` beside a running one: a message saying what is in the way and exit 1,
+    with no traceback, and the running one is left as it was."""
+    proc, lines = start_up(state_dir)
+    try:
+        port = re.search(r"kafka 127\.0\.0\.1:(\d+)", lines[-1])
+        api = re.search(r"api (http://[0-9.:]+)", lines[-1])
+        assert port is not None and api is not None
+        tries = {
+            # The same broker port: the running broker would have answered for a new one.
+            f"port 127.0.0.1:{port.group(1)} is in use": {
+                "DOSEWATCH_EMBEDDED_KAFKA_PORT": port.group(1)
+            },
+            # Another port, the same state directory: its PostgreSQL is the running one's.
+            "is already running (pid": {},
+        }
+        for message, extra in tries.items():
+            second = subprocess.run(up_command(state_dir), env=up_env(extra),
+                                    capture_output=True, text=True, timeout=60)  # fmt: skip
+            assert second.returncode == 1, second.stdout + second.stderr
+            assert message in second.stderr
+            assert "Traceback" not in second.stdout + second.stderr
+        assert proc.poll() is None
+        token = (state_dir / "admin.key").read_text().strip()
+        r = httpx.get(f"{api.group(1)}/v1/zones/status",
+                      headers={"Authorization": f"Bearer {token}"})  # fmt: skip
+        assert r.status_code == 200
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.communicate(timeout=30)
+    assert proc.returncode == 0
 
 
 def test_kill_9_leaves_no_orphans(state_dir: Path) -> None:

