@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -13,10 +14,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dosewatch.replay import decode_lines
-from schemas.fastping import FastPings
+from schemas.fastping import FastPings, PingColumns
 from schemas.ping import Ping, validate_ping
 
 SAMPLE = Path(__file__).parent / "data" / "evening-shift" / "pings.jsonl"
+Runs = dict[str, list[bytes]]  # named runs of lines (or record values)
 GOOD: dict[str, Any] = {
     "unit_id": "u1",
     "ts": "2026-05-14T18:00:05.123Z",
@@ -190,7 +192,7 @@ def by_line(lines: list[bytes]) -> tuple[list[Any], list[int]]:
     return [p for p in read if p is not None], [k for k, p in enumerate(read) if p is None]
 
 
-def line_runs() -> dict[str, list[bytes]]:
+def line_runs() -> Runs:
     good = [
         dumps(GOOD | {"ts": 1778781600000 + k, "lat": 40.0 + k / 1e4}) + b"\n" for k in range(9)
     ]
@@ -230,13 +232,18 @@ def line_runs() -> dict[str, list[bytes]]:
     }
 
 
-def test_read_lines_reads_each_line_as_read_does() -> None:
-    runs = line_runs()
+def reads_as_read_does(read_run: Callable[[list[bytes]], PingColumns], runs: Runs) -> None:
+    """Each run read in one call by a reader of its own, as `read` reads it line by line."""
     for name, lines in runs.items():
-        read = FastPings().read_lines(lines)
+        read = read_run(lines)
         pings, unread = by_line(lines)
         got = list(zip(read.unit_id, read.ts, read.lon, read.lat, read.accuracy_m, strict=True))
         assert (got, read.unread) == (pings, unread), name
+
+
+def test_read_lines_reads_each_line_as_read_does() -> None:
+    runs = line_runs()
+    reads_as_read_does(lambda lines: FastPings().read_lines(lines), runs)
     assert FastPings().read_lines(runs["all good"]).unread == []
     assert FastPings().read_lines(runs["split and doubled"]).unread == [2, 3, 4]
     assert FastPings().read_lines(runs["null island"]).unread == [4]
@@ -263,11 +270,7 @@ def test_read_values_reads_each_message_as_read_does() -> None:
         ],
         "no messages": [],
     }
-    for name, values in runs.items():
-        read = FastPings().read_values(values)
-        pings, unread = by_line(values)
-        got = list(zip(read.unit_id, read.ts, read.lon, read.lat, read.accuracy_m, strict=True))
-        assert (got, read.unread) == (pings, unread), name
+    reads_as_read_does(lambda values: FastPings().read_values(values), runs)
     assert FastPings().read_values(runs["all good"]).unread == []
     assert FastPings().read_values(runs["a message of several lines"]).unread == []
     assert FastPings().read_values(runs["a tail lent to the next message"]).unread == [3, 4]
