@@ -207,7 +207,7 @@ def _is_postgres(pid: int) -> bool:
     try:
         return b"postgres" in Path(f"/proc/{pid}/cmdline").read_bytes()
     except OSError:
-        return True  # cannot tell: let PostgreSQL's own lock check decide
+        return False  # cannot tell: PostgreSQL's own lock check decides
 
 
 async def _stop(proc: asyncio.subprocess.Process | None, sig: signal.Signals) -> None:
