@@ -139,7 +139,8 @@ async def up(state_dir: Path, demo: bool, speed: float, units: int, zones: int) 
                 await service.stop()
         for server in reversed(embedded):
             await server.stop()
-        print("dosewatch stopped", flush=True)
+        if embedded or services:  # not when the first thing it started could not start
+            print("dosewatch stopped", flush=True)
 
 
 async def _dev_key(conn: asyncpg.Connection, state_dir: Path, role: str) -> Path:

@@ -135,20 +135,22 @@ def test_a_second_up_says_why_it_cannot_start(state_dir: Path) -> None:
         port = re.search(r"kafka 127\.0\.0\.1:(\d+)", lines[-1])
         api = re.search(r"api (http://[0-9.:]+)", lines[-1])
         assert port is not None and api is not None
-        tries = {
+        # (what is in the way, the environment, whether its own broker had started)
+        tries = [
             # The same broker port: the running broker would have answered for a new one.
-            f"port 127.0.0.1:{port.group(1)} is in use": {
-                "DOSEWATCH_EMBEDDED_KAFKA_PORT": port.group(1)
-            },
+            (f"port 127.0.0.1:{port.group(1)} is in use",
+             {"DOSEWATCH_EMBEDDED_KAFKA_PORT": port.group(1)}, False),
             # Another port, the same state directory: its PostgreSQL is the running one's.
-            "is already running (pid": {},
-        }
-        for message, extra in tries.items():
+            ("is already running (pid", {}, True),
+        ]  # fmt: skip
+        for message, extra, started in tries:
             second = subprocess.run(up_command(state_dir), env=up_env(extra),
                                     capture_output=True, text=True, timeout=60)  # fmt: skip
             assert second.returncode == 1, second.stdout + second.stderr
             assert message in second.stderr
             assert "Traceback" not in second.stdout + second.stderr
+            # What it started, it stops (and says so); having started nothing, it says nothing.
+            assert ("dosewatch stopped" in second.stdout) == started
         assert proc.poll() is None
         token = (state_dir / "admin.key").read_text().strip()
         r = httpx.get(f"{api.group(1)}/v1/zones/status",
