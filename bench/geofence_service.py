@@ -17,13 +17,14 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import asyncpg
 import httpx
 import orjson
-from aiokafka import AIOKafkaProducer
+from aiokafka import AIOKafkaProducer, ConsumerRecord
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -36,6 +37,9 @@ from services.common import db, kafka
 from services.common.embedded import EmbeddedKafka, free_port
 from services.common.settings import CommonSettings
 from services.common.zonestore import import_zones
+from services.dosage.core.params import DosageParams
+from services.geofence.core.index import ZoneIndex
+from services.geofence.service import GeofenceService, GeofenceSettings, kafka_records
 
 
 def normalised(unit_ids: list[str], ts: Any, lon: Any, lat: Any) -> list[tuple[bytes, bytes]]:
@@ -44,6 +48,47 @@ def normalised(unit_ids: list[str], ts: Any, lon: Any, lat: Any) -> list[tuple[b
         (u.encode(), orjson.dumps({"unit_id": u, "ts": format_ts(t), "lat": y, "lon": x}))
         for u, t, x, y in zip(unit_ids, ts.tolist(), lon.tolist(), lat.tolist(), strict=True)
     ]
+
+
+def offline(
+    index: ZoneIndex, params: DosageParams, unit_ids: list[str], ts: Any, lon: Any, lat: Any
+) -> tuple[GeofenceService, list[ConsumerRecord]]:
+    """The service owning partition 0 without Kafka or a database, and a patrol as the records
+    it would fetch (`normalised`): for measuring its own work on a fetch (`drain`)."""
+    service = GeofenceService(GeofenceSettings(dosage=params))
+    service.index = index
+    service.restore_partition(0, {})
+    service.partitions[0] = (None, 0.0)  # as `assign` leaves it, without the database
+    records = [
+        ConsumerRecord("avl.pings", 0, k, 0, 0, key, value, None, len(key), len(value), ())
+        for k, (key, value) in enumerate(normalised(unit_ids, ts, lon, lat))
+    ]
+    return service, records
+
+
+def serialised(outputs: list[Any]) -> list[tuple[bytes, bytes]]:
+    """Visit events as `publish` hands them to the producer."""
+    return list(kafka_records(outputs))
+
+
+def drain(
+    service: GeofenceService,
+    records: list[ConsumerRecord],
+    batch: int,
+    serialise: Callable[[list[Any]], object] = serialised,
+    save_state: Callable[[], object] | None = None,
+) -> int:
+    """The records, `batch` a fetch, through the service's own work short of its I/O:
+    `process`, the events serialised, and the state save encoded (`state_changes`). The visit
+    events made."""
+    save_state = save_state or service.state_changes
+    events = 0
+    for start in range(0, len(records), batch):
+        outputs, _newest = service.process(0, records[start : start + batch])
+        serialise(outputs)
+        save_state()
+        events += len(outputs)
+    return events
 
 
 async def _metric(client: httpx.AsyncClient, port: int, name: str) -> float:

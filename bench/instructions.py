@@ -40,41 +40,27 @@ def workload(zones: int, units: int, steps: int, stage: str) -> None:
     records as ingest writes them (read into columns, the core, a CloudEvent per visit event),
     the events serialised as `publish` hands them to the producer, and the state save
     encoded (`state_changes`: the changed units exported)."""
-    from aiokafka import ConsumerRecord
-
     from bench._city import columns, feed, patrol, zone_specs
-    from bench.geofence_service import normalised
+    from bench.geofence_service import drain, offline
     from services.common.runner import GC_THRESHOLDS
     from services.dosage.core.params import DosageParams
     from services.dosage.core.tracker import VisitTracker
     from services.geofence.core.index import ZoneIndex
-    from services.geofence.service import GeofenceService, GeofenceSettings, kafka_records
 
     params = DosageParams()
     specs = zone_specs(zones)
     index = ZoneIndex(specs, params)
     unit_ids, ts, lon, lat = patrol(specs, units, steps)
     cols = columns(unit_ids, ts, lon, lat)
+    service, records = offline(index, params, unit_ids, ts, lon, lat)
     gc.set_threshold(*GC_THRESHOLDS)
     batch = 8192
 
     def core() -> None:
         feed(VisitTracker(index, params), cols, batch)
 
-    service = GeofenceService(GeofenceSettings(dosage=params))
-    service.index = index
-    service.restore_partition(0, {})
-    service.partitions[0] = (None, 0.0)
-    records = [
-        ConsumerRecord("avl.pings", 0, k, 0, 0, key, value, None, len(key), len(value), ())
-        for k, (key, value) in enumerate(normalised(unit_ids, ts, lon, lat))
-    ]
-
     def geofence() -> None:
-        for start in range(0, len(records), batch):
-            outputs, _newest = service.process(0, records[start : start + batch])
-            _records = list(kafka_records(outputs))
-            service.state_changes()
+        drain(service, records, batch)
 
     thread = threading.Thread(target=core if stage == "core" else geofence)
     thread.start()

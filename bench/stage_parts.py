@@ -23,11 +23,9 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from aiokafka import ConsumerRecord
-
 import services.geofence.service as geofence
 from bench._city import patrol, save, table, zone_specs
-from bench.geofence_service import normalised
+from bench.geofence_service import drain, offline, serialised
 from services.common.runner import GC_THRESHOLDS
 from services.dosage.core.params import DosageParams
 from services.geofence.core.index import ZoneIndex
@@ -51,15 +49,7 @@ def timed(spent: dict[str, float], part: str, fn: Callable[..., Any]) -> Callabl
 def measure(zones: int, units: int, steps: int, batch: int) -> dict[str, Any]:
     params = DosageParams()
     specs = zone_specs(zones)
-    unit_ids, ts, lon, lat = patrol(specs, units, steps)
-    service = geofence.GeofenceService(geofence.GeofenceSettings(dosage=params))
-    service.index = ZoneIndex(specs, params)
-    service.restore_partition(0, {})
-    service.partitions[0] = (None, 0.0)  # as `assign` leaves it, without the database
-    records = [
-        ConsumerRecord("avl.pings", 0, k, 0, 0, key, value, None, len(key), len(value), ())
-        for k, (key, value) in enumerate(normalised(unit_ids, ts, lon, lat))
-    ]
+    service, records = offline(ZoneIndex(specs, params), params, *patrol(specs, units, steps))
     spent = dict.fromkeys(PARTS, 0.0)
     service.reader.read_values = timed(spent, "read", service.reader.read_values)  # type: ignore[method-assign]
     tracker = service.trackers[0]
@@ -67,18 +57,13 @@ def measure(zones: int, units: int, steps: int, batch: int) -> dict[str, Any]:
     module = vars(geofence)  # the name `process` calls, rebound for the run
     built = module["visit_cloudevent"]
     module["visit_cloudevent"] = timed(spent, "cloudevents", built)
-    serialise = timed(spent, "serialise", lambda outputs: list(geofence.kafka_records(outputs)))
+    serialise = timed(spent, "serialise", serialised)
     state = timed(spent, "state save", service.state_changes)
     before = gc.get_threshold()
     gc.set_threshold(*GC_THRESHOLDS)
-    events = 0
     t0 = time.perf_counter()
     try:
-        for start in range(0, len(records), batch):
-            outputs, _newest = service.process(0, records[start : start + batch])
-            serialise(outputs)
-            state()
-            events += len(outputs)
+        events = drain(service, records, batch, serialise, state)
     finally:
         module["visit_cloudevent"] = built
         gc.set_threshold(*before)
