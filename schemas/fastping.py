@@ -199,8 +199,11 @@ class FastPings:
 
     def _ts(self, value: str | int) -> int | None:
         """`parse_ts`, with the second of the canonical form looked up in a dict of its own."""
-        millis = SUFFIX_MS.get(value[19:]) if isinstance(value, str) and len(value) == 24 else None
-        if isinstance(value, str) and millis is not None:
+        if (
+            isinstance(value, str)
+            and len(value) == 24
+            and (millis := SUFFIX_MS.get(value[19:])) is not None
+        ):
             second = self._seconds.get(value[:19])
             if second is None:
                 try:
