@@ -73,9 +73,9 @@ def measure(what: str, zones: int, units: int) -> dict[str, Any]:
         tracemalloc.stop()
         out["mb"] = held / 2**20
         out["bytes_each"] = held / units
-        saved = [len(orjson.dumps(tracker.export_unit(u))) for u in tracker.units]
+        saved = [len(orjson.dumps(tracker.export_unit(u))) for u in tracker.unit_ids]
         out["saved_bytes"] = sum(saved) / len(saved)
-        out["open_visits"] = sum(len(u.open) for u in tracker.units.values())
+        out["open_visits"] = tracker.open_visits
     else:
         rules = {z.zone_id: params.rules_for(z.target_s, z.min_visit_s, z.max_visit_s)
                  for z in specs}  # fmt: skip

@@ -85,7 +85,7 @@ async def measure(units_per_save: int, saves: int, rounds: int) -> list[dict[str
     tracker = VisitTracker(index, DosageParams())
     cols = columns(*patrol(zones, 10_000, 20))
     feed(tracker, cols, len(cols[0]))
-    units = tracker.export_units(tracker.units)
+    units = tracker.export_units(tracker.unit_ids)
     rng = random.Random(5)
     names = list(units)
     batches = []

@@ -10,6 +10,7 @@ import math
 from collections import Counter
 from dataclasses import dataclass
 from datetime import UTC, datetime, time
+from typing import Any
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -27,6 +28,7 @@ from services.dosage.core.tracker import (
 from services.dosage.core.visit import EndReason, VisitState
 from services.geofence.core.index import ZoneIndex
 from services.geofence.core.zone import ZoneSpec
+from tests.reference_tracker import ReferenceTracker
 
 LON0, LAT0 = -74.00, 40.71
 M_PER_DEG_LAT = 111_030.0
@@ -283,14 +285,12 @@ def test_replay_is_deterministic_and_independent_of_batch_size(sc: Scenario) -> 
 
 @PROPS
 @given(scenarios(), st.sampled_from([1, 7, 64]))
-def test_the_trackers_shortcuts_change_nothing(sc: Scenario, batch: int) -> None:
-    """`process_columns` takes the commonest pings without the full rules, and the rules take
-    a visit's quiet pings without `Visit.observe`; with the shortcuts off, every usable ping
-    goes through both, and the events, stats and state are the same."""
-    runs = []
-    for shortcuts in (True, False):
-        tracker = tracker_for(sc.params)
-        tracker.shortcuts = shortcuts
+def test_the_compiled_rules_match_the_python_reference(sc: Scenario, batch: int) -> None:
+    """The tracker walks its tables in compiled code; `ReferenceTracker` is the same rules in
+    plain Python objects. Same events, stats and saved state, whatever the batch size."""
+    runs: list[tuple[list[VisitEvent], TrackerStats, dict[str, list[Any]]]] = []
+    reference = ReferenceTracker(ZoneIndex(ZONES, sc.params), sc.params)
+    for tracker in (tracker_for(sc.params), reference):
         events: list[VisitEvent] = []
         for i in range(0, len(sc.fixes), batch):
             events += tracker.process(sc.fixes[i : i + batch])

@@ -5,13 +5,10 @@ Times are epoch milliseconds; every table row starts from a visit opened at T0.
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import pytest
-from hypothesis import given
-from hypothesis import strategies as st
 
 from services.dosage.core.params import DosageParams, ZoneRules
 from services.dosage.core.visit import (
@@ -303,74 +300,3 @@ def test_non_increasing_ts_is_illegal_and_changes_nothing(
     # The machine is still usable afterwards.
     assert list(visit.observe(IN, visit.last_seen + 1, RULES, CONFIRM)) == []
     assert visit.state is VisitState.OPEN
-
-
-# -- stay: observe's shortcut for a ping that changes nothing but the times -----------------------
-
-_STEP = st.sampled_from([Where.INSIDE, Where.NEAR, Where.OUTSIDE])
-
-
-def _shortcut_agrees(
-    steps: list[tuple[Where, int]], gap: int, where: Where, shortcut: Callable[[Visit, int], bool]
-) -> None:
-    """After any history, the shortcut either leaves the visit as `observe(where)` would have,
-    having caused no moment, or refuses and changes nothing."""
-    visit = opened()
-    ts = T0
-    for step, dt in steps:
-        if not visit.is_open:
-            break
-        ts += dt + 1
-        visit.observe(step, ts, RULES, CONFIRM)
-    fast, judged = copy.copy(visit), copy.copy(visit)
-    at = ts + gap
-    if shortcut(fast, at):
-        assert list(judged.observe(where, at, RULES, CONFIRM)) == []
-        assert fast == judged
-    else:
-        assert fast == visit
-
-
-@given(
-    steps=st.lists(st.tuples(_STEP, st.integers(0, 400_000)), max_size=12),
-    where=st.sampled_from([Where.INSIDE, Where.NEAR]),
-    gap=st.integers(-10_000, 1_500_000),
-)
-def test_stay_does_what_observe_does_or_nothing(
-    steps: list[tuple[Where, int]], where: Where, gap: int
-) -> None:
-    _shortcut_agrees(steps, gap, where, lambda v, at: v.stay(at, RULES))
-
-
-def test_stay_takes_the_common_ping_and_leaves_moments_to_observe() -> None:
-    visit = opened()
-    assert visit.stay(T0 + 10_000, RULES)
-    assert (visit.last_in, visit.last_seen) == (T0 + 10_000, T0 + 10_000)
-    assert not visit.stay(T0 + RULES.target_ms, RULES)  # target met: a moment
-    assert not visit.stay(T0 + 10_000, RULES)  # not after the previous ping
-    visit.observe(OUT, T0 + 20_000, RULES, CONFIRM)
-    assert visit.stay(T0 + 30_000, RULES)  # back in while its exit waited
-    assert (visit.state, visit.out_since, visit.last_in) == (VisitState.OPEN, None, T0 + 30_000)
-    visit.close(EndReason.EXITED)
-    assert not visit.stay(T0 + 40_000, RULES)  # closed: observe refuses
-
-
-@given(
-    steps=st.lists(st.tuples(_STEP, st.integers(0, 100_000)), max_size=12),
-    gap=st.integers(-10_000, 200_000),
-)
-def test_away_does_what_observe_outside_does_or_nothing(
-    steps: list[tuple[Where, int]], gap: int
-) -> None:
-    _shortcut_agrees(steps, gap, OUT, lambda v, at: v.away(at, CONFIRM))
-
-
-def test_away_takes_pings_while_an_exit_waits_and_leaves_the_confirming_one() -> None:
-    visit = opened()
-    assert visit.away(T0 + 10_000, CONFIRM)  # open: its exit starts waiting
-    assert (visit.state, visit.out_since, visit.last_in) == (
-        VisitState.EXIT_PENDING, T0 + 10_000, T0,
-    )  # fmt: skip
-    assert visit.away(T0 + 20_000, CONFIRM) and visit.last_seen == T0 + 20_000
-    assert not visit.away(T0 + 10_000 + CONFIRM, CONFIRM)  # this one confirms the exit
-    assert visit.state is VisitState.EXIT_PENDING

@@ -55,7 +55,6 @@ class GeofenceService(StatefulService):
         self.reader = FastPings()
         self._backlog: list[Any] = []  # outputs from restoring, sent with the next batch
         self._zone_task: asyncio.Task[None] | None = None
-        self._gauged = 0.0
         self._zones_changed = asyncio.Event()
         self._listen_conn: asyncpg.Connection | None = None
         self.http = HttpServer(probe_app(self.name, lambda: self.ready), settings.http_host,
@@ -268,7 +267,7 @@ class GeofenceService(StatefulService):
     def full_state(self, partition: int) -> dict[str, Any]:
         tracker = self.trackers.get(partition)
         if tracker is not None:
-            tracker.dirty.update(tracker.units)  # a snapshot is a save with every unit changed
+            tracker.dirty.update(tracker.unit_ids)  # a snapshot is a save with every unit changed
         return self.dirty_state(partition)
 
     def dirty_state(self, partition: int) -> dict[str, Any]:
@@ -278,12 +277,7 @@ class GeofenceService(StatefulService):
         rows: dict[str, Any] = tracker.export_units(tracker.dirty)
         tracker.dirty.clear()
         rows[META] = tracker.export_meta()
-        now = time.monotonic()
-        if now - self._gauged > 5.0:  # a walk over every unit: not on every commit
-            self._gauged = now
-            OPEN_VISITS.labels(self.name).set(
-                sum(len(u.open) for t in self.trackers.values() for u in t.units.values())
-            )
+        OPEN_VISITS.labels(self.name).set(sum(t.open_visits for t in self.trackers.values()))
         return rows
 
     async def publish(self, outputs: list[Any]) -> None:

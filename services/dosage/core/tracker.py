@@ -2,21 +2,24 @@
 
 One tracker serves the units of one ordered stream (a replay, or one Kafka partition), with
 that stream's clock. Geometry is judged per batch by the index; the rules then walk the batch
-in arrival order, because each ping's meaning depends on the one before it.
+in arrival order, because each ping's meaning depends on the one before it. The walk is
+compiled (`tables.walk`) and runs over the tracker's state held as tables; this class keeps
+the ids, turns event rows into `VisitEvent`s, and saves and restores units.
 """
 
 from __future__ import annotations
 
-import heapq
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
+from itertools import repeat
 from typing import Any
 
 import numpy as np
 
+from services.dosage.core import tables as tb
 from services.dosage.core.params import DosageParams, ZoneRules
-from services.dosage.core.visit import EndReason, Moment, Visit, VisitState, Where
+from services.dosage.core.visit import NO_TIME, EndReason, Visit
 from services.geofence.core.index import ZoneIndex
 
 
@@ -40,13 +43,11 @@ class VisitEventKind(StrEnum):
     ENDED = "ended"
 
 
-# A ping's answer for one zone: inside (True), near (False), neither (absent).
-_WHERE = {True: Where.INSIDE, False: Where.NEAR, None: Where.OUTSIDE}
-_MOMENT_KIND = {
-    Moment.TARGET_MET: VisitEventKind.TARGET_MET,
-    Moment.OVERSTAY: VisitEventKind.OVERSTAY,
-    Moment.ENDED: VisitEventKind.ENDED,
-}
+# Event rows' codes (tables.K_*, tables.R_*) as the values they stand for.
+_KINDS = (VisitEventKind.STARTED, VisitEventKind.TARGET_MET, VisitEventKind.OVERSTAY,
+          VisitEventKind.ENDED)  # fmt: skip
+_REASONS = (EndReason.EXITED, EndReason.SIGNAL_LOST, EndReason.END_OF_INPUT,
+            EndReason.ZONE_CHANGED, None)  # fmt: skip
 
 
 # Not frozen: nothing changes an event once made, and a frozen dataclass's __init__ costs
@@ -84,6 +85,8 @@ class VisitEvent:
 
 @dataclass(slots=True)
 class UnitState:
+    """One unit as objects (`VisitTracker.units`), for inspection."""
+
     last_usable: int | None = None
     open: dict[str, Visit] = field(default_factory=dict)
     # Last-seen information is updated by every valid ping, usable or not.
@@ -102,26 +105,84 @@ class TrackerStats:
     late: int = 0  # older than the unit's previous usable ping
 
 
+def _accuracies(values: Sequence[float | None]) -> np.ndarray[Any, np.dtype[np.float64]]:
+    """As float64, NaN for none given. A column without a None converts in C; a None sends
+    numpy's conversion down a path five times slower per value, so those are mapped first."""
+    n, missing = len(values), values.count(None)
+    if missing == 0:
+        return np.asarray(values, dtype=np.float64)
+    if missing == n:
+        return np.full(n, np.nan)
+    return np.fromiter([np.nan if a is None else a for a in values], np.float64, n)
+
+
+def _time(value: int) -> int | None:
+    return None if value == NO_TIME else value
+
+
 class VisitTracker:
     def __init__(self, index: ZoneIndex, params: DosageParams) -> None:
-        self.index = index
         self.params = params
-        self.clock: int | None = None
-        self.units: dict[str, UnitState] = {}
-        self.stats = TrackerStats()
+        self._defaults = params.rules_for()
         self._max_gap = params.max_gap_ms
         self._confirm = params.exit_confirm_ms
-        self._max_accuracy = params.max_accuracy_m
-        # (ts, unit): each unit with open visits has one entry at or before its last usable ping;
-        # an entry found behind that ping moves up to it when it comes out (not on every ping).
-        self._watch: list[tuple[int, str]] = []
-        self._watched: set[str] = set()
+        self._max_accuracy = float(params.max_accuracy_m)
+        self.stats = TrackerStats()
         # Units whose state changed since the owner last saved it (live services persist these).
         self.dirty: set[str] = set()
         self._reshaped: set[tuple[str, str]] = set()  # restored visits on an older zone shape
-        # False sends every usable ping through the full rules, and every visit through
-        # Visit.observe: tests hold the shortcuts (here and in `_usable`) to them.
-        self.shortcuts = True
+        # Ids to rows: a unit or zone keeps its row for the tracker's life.
+        self._unit_row: dict[str, int] = {}
+        self._unit_ids: list[str] = []
+        self._zone_row: dict[str, int] = {}
+        self._zone_ids: list[str] = []
+        self._zone_rules: list[ZoneRules] = []
+        self._units = np.zeros((0, tb.UNIT_FIELDS), dtype=np.int64)
+        self._fixes = np.zeros((0, tb.FIX_FIELDS), dtype=np.float64)
+        self._heap = np.zeros((0, 2), dtype=np.int64)
+        self._visits = np.zeros((0, tb.V_FIELDS), dtype=np.int64)
+        self._zones = np.zeros((0, tb.ZONE_FIELDS), dtype=np.int64)
+        self._meta = np.array([NO_TIME, -1, 0, 0], dtype=np.int64)
+        self._stats = np.zeros(tb.STAT_FIELDS, dtype=np.int64)
+        self._events = np.zeros((1024, tb.EVENT_FIELDS), dtype=np.int64)
+        self._to_watch: list[tuple[int, int]] = []  # restored units, watched once ranked
+        self._ranked = True
+        self._zones_ready = False
+        self._set_index(index)
+
+    # -- what the tracker holds ------------------------------------------------------------------
+
+    @property
+    def clock(self) -> int | None:
+        return _time(int(self._meta[tb.M_CLOCK]))
+
+    @clock.setter
+    def clock(self, value: int | None) -> None:
+        self._meta[tb.M_CLOCK] = NO_TIME if value is None else value
+
+    @property
+    def unit_ids(self) -> list[str]:
+        return self._unit_ids
+
+    @property
+    def open_visits(self) -> int:
+        return int(self._meta[tb.M_OPEN])
+
+    @property
+    def units(self) -> dict[str, UnitState]:
+        """A copy of every unit's state as objects: for inspection, not the hot path."""
+        return {unit_id: self._unit_state(unit_id) for unit_id in self._unit_ids}
+
+    def _unit_state(self, unit_id: str) -> UnitState:
+        u = self._unit_row[unit_id]
+        row, (lon, lat, acc) = self._units[u].tolist(), self._fixes[u].tolist()
+        _, visits = tb.visit_rows(self._units, self._visits, np.array([u], dtype=np.int64))
+        opened = {}
+        for v in self._visits[visits].tolist():
+            zone_id = self._zone_ids[v[tb.V_ZONE]]
+            opened[zone_id] = Visit.from_row(unit_id, zone_id, v)
+        return UnitState(_time(row[tb.U_LAST]), opened, _time(row[tb.U_SEEN]), lon, lat,
+                         None if acc != acc else acc)  # fmt: skip
 
     # -- input -------------------------------------------------------------------------------
 
@@ -147,83 +208,46 @@ class VisitTracker:
     ) -> list[VisitEvent]:
         """`process` for a batch held as columns, one entry per valid ping (as a bulk reader
         holds them), without a `Fix` per ping."""
-        out: list[VisitEvent] = []
         n = len(unit_ids)
         if n == 0:
-            return out
-        hits = self.index.classify(np.array(lon, dtype=np.float64), np.array(lat, dtype=np.float64))
-        # Ping i's hits are hit_*[first[i] : first[i + 1]].
-        first = np.searchsorted(hits.point, np.arange(n + 1)).tolist()
-        hit_zone = hits.zone.tolist()
-        hit_inside = hits.inside.tolist()
-        zone_ids = self.index.zone_ids
-        nowhere: dict[str, bool] = {}
-        units = self.units
-        mark_dirty = self.dirty.add
-        watch = self._watch
-        max_gap, max_accuracy = self._max_gap, self._max_accuracy
-        shortcuts = self.shortcuts
-        usable = low_accuracy = duplicate = late = i = 0  # counted here, added up at the end
+            return []
+        rows = np.fromiter(map(self._unit_row.get, unit_ids, repeat(-1)), np.int64, n)
+        if rows.min() < 0:
+            for i in np.flatnonzero(rows < 0).tolist():
+                rows[i] = self._unit(unit_ids[i])
+        lon_a = np.asarray(lon, dtype=np.float64)
+        lat_a = np.asarray(lat, dtype=np.float64)
+        hits = self.index.classify(lon_a, lat_a)
+        # Ping i's zones are hit_*[first[i] : first[i + 1]].
+        first = np.searchsorted(hits.point, np.arange(n + 1)).astype(np.int64)
+        self._stock_visits(int(np.count_nonzero(hits.inside)))
+        self._sync()
+        self._stats[:] = 0
         try:
-            for i in range(n):
-                unit_id, t, acc = unit_ids[i], ts[i], accuracy_m[i]
-                clock = self.clock
-                if clock is None or t > clock:
-                    self.clock = t
-                    if watch and watch[0][0] < t - max_gap:
-                        self._watchdog(out, t)
-                unit = units.get(unit_id)
-                if unit is None:
-                    unit = units[unit_id] = UnitState()
-                mark_dirty(unit_id)
-                if unit.seen_ts is None or t >= unit.seen_ts:
-                    unit.seen_ts, unit.seen_lon, unit.seen_lat = t, lon[i], lat[i]
-                    unit.seen_accuracy_m = acc
-                if acc is not None and acc > max_accuracy:
-                    low_accuracy += 1
-                    continue
-                prev = unit.last_usable
-                if prev is not None and t <= prev:
-                    if t == prev:
-                        duplicate += 1
-                    else:
-                        late += 1
-                    continue
-                usable += 1
-                lo, hi = first[i], first[i + 1]
-                # No visit to judge, and none to open: the rules would only note the ping.
-                # (A unit's quiet pings in its open visits take `_usable`'s shortcuts.)
-                if (
-                    shortcuts
-                    and not unit.open
-                    and (lo == hi or (hi - lo == 1 and not hit_inside[lo]))
-                ):
-                    unit.last_usable = t
-                    continue
-                if lo == hi:
-                    here = nowhere
-                elif hi - lo == 1:  # a display, not a comprehension (a frame of its own)
-                    here = {zone_ids[hit_zone[lo]]: hit_inside[lo]}
-                else:
-                    here = {zone_ids[hit_zone[k]]: hit_inside[k] for k in range(lo, hi)}
-                self._usable(unit_id, unit, t, prev, here, out)
+            self._events, count = tb.walk(
+                self._units, self._fixes, self._visits, self._zones, self._heap, self._meta,
+                self._stats, rows, np.asarray(ts, dtype=np.int64), lon_a, lat_a,
+                _accuracies(accuracy_m),
+                first, self._key_of_position.take(hits.zone), hits.inside,
+                self._max_gap, self._confirm, self._max_accuracy, self._events,
+            )  # fmt: skip
         finally:
-            stats = self.stats
-            stats.valid += i + 1  # pings taken, the one that raised included
-            stats.usable += usable
-            stats.low_accuracy += low_accuracy
-            stats.duplicate += duplicate
-            stats.late += late
-        return out
+            self._count(self._stats)
+        self.dirty.update(unit_ids)
+        return self._visit_events(count)
 
     def advance(self, clock: int) -> list[VisitEvent]:
         """Run the watchdog at a live clock: the newest ping time plus the wall time since the
         partition last delivered. It does not move the data clock, which stays the newest ping
         time, so a backlog delivered after a stall is judged by its own times."""
-        out: list[VisitEvent] = []
-        if self.clock is None or clock > self.clock:
-            self._watchdog(out, clock)
-        return out
+        if self.clock is not None and clock <= self.clock:
+            return []
+        self._sync()
+        self._events, count = tb.watchdog(
+            self._units, self._visits, self._zones, self._heap, self._meta, clock,
+            self._max_gap, self._events, 0,
+        )  # fmt: skip
+        return self._visit_events(count)
 
     def reconcile(self) -> list[VisitEvent]:
         """Close restored visits in zones deleted or reshaped while their state was saved."""
@@ -236,134 +260,140 @@ class VisitTracker:
 
     def finish(self) -> list[VisitEvent]:
         """End of input: close what is still open."""
-        out: list[VisitEvent] = []
+        self._sync()
         clock = self.clock if self.clock is not None else 0
-        for unit_id in sorted(self.units):
-            unit = self.units[unit_id]
-            if not unit.open:
-                continue
-            lost = unit.last_usable is not None and clock - unit.last_usable > self._max_gap
-            reason = EndReason.SIGNAL_LOST if lost else EndReason.END_OF_INPUT
-            self._close_all(unit, reason, clock, out)
-        self._watch.clear()
-        self._watched.clear()
-        return out
+        order = np.array([self._unit_row[u] for u in sorted(self._unit_ids)], dtype=np.int64)
+        self._events, count = tb.close_units(
+            self._units, self._visits, self._zones, self._meta, order, clock, self._max_gap,
+            self._events,
+        )  # fmt: skip
+        self._meta[tb.M_HEAP] = 0
+        self._units[:, tb.U_WATCHED] = 0
+        self._to_watch.clear()
+        return self._visit_events(count)
 
     def replace_index(self, index: ZoneIndex) -> list[VisitEvent]:
         """Swap in a rebuilt index; visits in zones whose shape changed or that are gone close."""
         old = self.index
         gone = {z for z, shape in old.shape_ids.items() if index.shape_ids.get(z) != shape}
-        self.index = index
+        self._set_index(index)
         return self._close_zone_changed(lambda _unit, zone_id: zone_id in gone, old)
 
     def _close_zone_changed(
         self, closes: Callable[[str, str], bool], judged_by: ZoneIndex
     ) -> list[VisitEvent]:
         """Rule 6: open visits in a changed or deleted zone end (at their last_in)."""
-        out: list[VisitEvent] = []
-        clock = self.clock if self.clock is not None else 0
-        for unit_id in sorted(self.units):
-            unit = self.units[unit_id]
-            for zone_id in sorted(z for z in unit.open if closes(unit_id, z)):
-                self.dirty.add(unit_id)
-                visit = unit.open.pop(zone_id)
-                visit.close(EndReason.ZONE_CHANGED)
-                out.append(self._event(VisitEventKind.ENDED, clock, visit, judged_by))
-        return out
-
-    # -- rules -------------------------------------------------------------------------------
-
-    def _usable(
-        self,
-        unit_id: str,
-        unit: UnitState,
-        ts: int,
-        prev: int | None,
-        here: dict[str, bool],
-        out: list[VisitEvent],
-    ) -> None:
-        """A usable ping (in order, accurate enough) meets the unit's visits: `here` maps each
-        zone the ping is inside of (True) or near (False)."""
-        if prev is not None and ts - prev > self._max_gap and unit.open:
-            self._close_all(unit, EndReason.SIGNAL_LOST, ts, out)
-        index = self.index
-        opened = unit.open
-        if opened:
-            rules_by_id, confirm, shortcuts = index.rules_by_id, self._confirm, self.shortcuts
-            for zone_id, visit in tuple(opened.items()):
-                inside = here.get(zone_id)
-                # Most pings cause no moment: stay and away are observe's answer to those,
-                # without building one; anything else is observe's to judge.
-                if shortcuts and (
-                    visit.away(ts, confirm)
-                    if inside is None
-                    else visit.stay(ts, rules_by_id[zone_id])
-                ):
-                    continue
-                moments = visit.observe(_WHERE[inside], ts, rules_by_id[zone_id], confirm)
-                if moments:
-                    for moment in moments:
-                        out.append(self._event(_MOMENT_KIND[moment], ts, visit, index))
-                    if not visit.is_open:
-                        del opened[zone_id]
-        for zone_id, inside in here.items():
-            if inside and zone_id not in opened:
-                visit = Visit.open(unit_id, zone_id, ts)
-                opened[zone_id] = visit
-                out.append(self._event(VisitEventKind.STARTED, ts, visit, index))
-        unit.last_usable = ts
-        if unit.open:
-            assert self.clock is not None
-            if self.clock - ts > self._max_gap:
-                # A unit already further behind the stream clock than max_gap: the watchdog
-                # holds at once, whether or not another ping moves the clock before its next one.
-                self._close_all(unit, EndReason.SIGNAL_LOST, self.clock, out)
-            elif unit_id not in self._watched:
-                self._watched.add(unit_id)
-                heapq.heappush(self._watch, (ts, unit_id))
-
-    def _watchdog(self, out: list[VisitEvent], clock: int) -> None:
-        """Close the visits of units silent for more than max_gap at `clock`, in the order of
-        their last usable ping (then unit id)."""
-        horizon = clock - self._max_gap
-        watch = self._watch
-        while watch and watch[0][0] < horizon:
-            ts, unit_id = heapq.heappop(watch)
-            unit = self.units[unit_id]
-            if unit.open and unit.last_usable is not None and unit.last_usable > ts:
-                # Pinged since: its entry moves up to that ping, and comes out again here if
-                # that ping is past the horizon too, in its place in the order.
-                heapq.heappush(watch, (unit.last_usable, unit_id))
-                continue
-            self._watched.discard(unit_id)
-            if unit.last_usable == ts and unit.open:
-                self._close_all(unit, EndReason.SIGNAL_LOST, clock, out)
-
-    def _close_all(
-        self, unit: UnitState, reason: EndReason, at: int, out: list[VisitEvent]
-    ) -> None:
-        for zone_id in sorted(unit.open):
-            self.dirty.add(unit.open[zone_id].unit_id)
-            visit = unit.open[zone_id]
-            visit.close(reason)
-            out.append(self._event(VisitEventKind.ENDED, at, visit, self.index))
-        unit.open.clear()
-
-    def _event(self, kind: VisitEventKind, at: int, visit: Visit, index: ZoneIndex) -> VisitEvent:
-        clock = self.clock
-        # Positional: a call by keyword costs more, once per event on the hot path.
-        return VisitEvent(
-            kind,
-            at,
-            visit.unit_id,
-            visit.zone_id,
-            visit.started_at,
-            visit.last_in,
-            # A zone gone from the index is judged by the agency defaults.
-            index.rules_by_id.get(visit.zone_id) or self.params.rules_for(),
-            visit.end_reason,
-            at if clock is None or at > clock else clock,  # the stream clock: never behind
+        self._sync()
+        order = sorted(self._unit_ids)
+        owner, rows = tb.visit_rows(
+            self._units, self._visits, np.array([self._unit_row[u] for u in order], np.int64)
         )
+        zone_of = self._visits[rows, tb.V_ZONE].tolist()
+        chosen = sorted(
+            (order[o], self._zone_ids[z], v)
+            for o, z, v in zip(owner.tolist(), zone_of, rows.tolist(), strict=True)
+            if closes(order[o], self._zone_ids[z])
+        )
+        if not chosen:
+            return []
+        self.dirty.update(unit_id for unit_id, _, _ in chosen)
+        self._events, count = tb.close_visits(
+            self._units, self._visits, self._meta, np.array([v for *_, v in chosen], np.int64),
+            tb.R_ZONE_CHANGED, self.clock if self.clock is not None else 0, self._events,
+        )  # fmt: skip
+        return self._visit_events(count, judged_by)
+
+    # -- tables ---------------------------------------------------------------------------------
+
+    def _set_index(self, index: ZoneIndex) -> None:
+        self.index = index
+        self._key_of_position = np.array([self._zone(z) for z in index.zone_ids], np.int64)
+        self._zones_ready = False
+
+    def _zone(self, zone_id: str) -> int:
+        """The zone's row, added if new (its rules are the index's, or the agency's defaults
+        for a zone no index names, such as a restored visit's deleted zone)."""
+        z = self._zone_row.get(zone_id)
+        if z is None:
+            z = self._zone_row[zone_id] = len(self._zone_ids)
+            self._zone_ids.append(zone_id)
+            self._zones_ready = False
+        return z
+
+    def _unit(self, unit_id: str) -> int:
+        """The unit's row, added if new."""
+        u = self._unit_row.get(unit_id)
+        if u is None:
+            u = self._unit_row[unit_id] = len(self._unit_ids)
+            self._unit_ids.append(unit_id)
+            if u == len(self._units):
+                grow = max(64, u)
+                fresh = np.zeros((grow, tb.UNIT_FIELDS), dtype=np.int64)
+                fresh[:, [tb.U_LAST, tb.U_SEEN]] = NO_TIME
+                fresh[:, [tb.U_HEAD, tb.U_TAIL]] = -1
+                self._units = np.vstack([self._units, fresh])
+                self._fixes = np.vstack([self._fixes, np.zeros((grow, tb.FIX_FIELDS))])
+                self._heap = np.vstack([self._heap, np.zeros((grow, 2), dtype=np.int64)])
+            self._ranked = False
+        return u
+
+    def _stock_visits(self, wanted: int) -> None:
+        """At least `wanted` free visit rows: a batch opens at most one per inside hit."""
+        have, used = len(self._visits), int(self._meta[tb.M_OPEN])
+        if have - used >= wanted:
+            return
+        grow = max(wanted, have, 64)
+        fresh = np.zeros((grow, tb.V_FIELDS), dtype=np.int64)
+        fresh[:, tb.V_NEXT] = np.arange(have + 1, have + grow + 1)
+        fresh[-1, tb.V_NEXT] = self._meta[tb.M_FREE]
+        self._visits = np.vstack([self._visits, fresh])
+        self._meta[tb.M_FREE] = have
+
+    def _sync(self) -> None:
+        """Bring the tables up to date before the rules run: the zones' rules and ranks after
+        an index change, the units' ranks by id (the watchdog's tie-break) once new ones came,
+        then the watch on restored units, which waits for those ranks."""
+        if not self._zones_ready:
+            rules = self.index.rules_by_id
+            self._zone_rules = [rules.get(z) or self._defaults for z in self._zone_ids]
+            zones = np.zeros((len(self._zone_ids), tb.ZONE_FIELDS), dtype=np.int64)
+            zones[:, tb.Z_TARGET] = [r.target_ms for r in self._zone_rules]
+            zones[:, tb.Z_MAX] = [r.max_visit_ms for r in self._zone_rules]
+            ranks = np.argsort(np.array(self._zone_ids), kind="stable")
+            zones[ranks, tb.Z_RANK] = np.arange(len(ranks))
+            self._zones = zones
+            self._zones_ready = True
+        if not self._ranked:
+            count = len(self._unit_ids)
+            ranks = np.argsort(np.array(self._unit_ids), kind="stable")
+            self._units[ranks, tb.U_RANK] = np.arange(count)
+            self._ranked = True
+        for ts, u in self._to_watch:
+            tb.watch(self._heap, self._units, self._meta, ts, u)
+        self._to_watch.clear()
+
+    def _count(self, delta: np.ndarray[Any, np.dtype[np.int64]]) -> None:
+        valid, usable, low, duplicate, late = delta.tolist()
+        stats = self.stats
+        stats.valid += valid
+        stats.usable += usable
+        stats.low_accuracy += low
+        stats.duplicate += duplicate
+        stats.late += late
+
+    def _visit_events(self, count: int, judged_by: ZoneIndex | None = None) -> list[VisitEvent]:
+        if count == 0:
+            return []
+        unit_ids, zone_ids, rules = self._unit_ids, self._zone_ids, self._zone_rules
+        if judged_by is not None:  # a zone gone from an index is judged by the defaults
+            rules = [judged_by.rules_by_id.get(z) or self._defaults for z in zone_ids]
+        rows = self._events[:count]
+        self.dirty.update(map(unit_ids.__getitem__, np.unique(rows[:, tb.E_UNIT]).tolist()))
+        # Positional: a call by keyword costs more, once per event on the hot path.
+        return [
+            VisitEvent(_KINDS[k], at, unit_ids[u], zone_ids[z], s, li, rules[z], _REASONS[r], c)
+            for k, at, u, z, s, li, r, c in rows.tolist()
+        ]
 
     # -- persistence (live services save this next to their consumer offsets) ----------------
 
@@ -372,34 +402,47 @@ class VisitTracker:
 
     def export_units(self, unit_ids: Iterable[str]) -> dict[str, list[Any]]:
         """Each unit as a flat list. Saved for every unit a commit interval touched, so about
-        once per ping: one loop, with no call per unit or per visit."""
-        units, shapes = self.units, self.index.shape_ids
+        once per ping: gathered from the tables in a few calls, not per field."""
+        ids = list(unit_ids)
+        of = np.fromiter(map(self._unit_row.__getitem__, ids), np.int64, len(ids))
+        owner, rows = tb.visit_rows(self._units, self._visits, of)
+        units, fixes = self._units.take(of, axis=0).tolist(), self._fixes.take(of, 0).tolist()
         out: dict[str, list[Any]] = {}
-        for unit_id in unit_ids:
-            unit = units[unit_id]
-            row: list[Any] = [unit.last_usable, unit.seen_ts, unit.seen_lon, unit.seen_lat,
-                              unit.seen_accuracy_m]  # fmt: skip
-            for v in unit.open.values():
-                row.append([v.zone_id, v.started_at, v.last_in, v.last_seen, int(v.state),
-                            v.out_since, v.target_reported, v.overstay_reported,
-                            shapes.get(v.zone_id)])  # fmt: skip
-            out[unit_id] = row
+        for unit_id, u, (lon, lat, acc) in zip(ids, units, fixes, strict=True):
+            out[unit_id] = [_time(u[tb.U_LAST]), _time(u[tb.U_SEEN]), lon, lat,
+                            None if acc != acc else acc]  # fmt: skip
+        shapes, zone_ids = self.index.shape_ids, self._zone_ids
+        for o, v in zip(owner.tolist(), self._visits.take(rows, axis=0).tolist(), strict=True):
+            zone_id = zone_ids[v[tb.V_ZONE]]
+            out[ids[o]].append([zone_id, v[0], v[1], v[2], v[4], _time(v[3]), bool(v[5]),
+                                bool(v[6]), shapes.get(zone_id)])  # fmt: skip
         return out
 
     def restore_unit(self, unit_id: str, data: list[Any] | dict[str, Any]) -> None:
         if isinstance(data, dict):  # saved before the flat form
             data = [data["last_usable"], *data["seen"], *data["open"]]
-        unit = UnitState(last_usable=data[0])
-        unit.seen_ts, unit.seen_lon, unit.seen_lat, unit.seen_accuracy_m = data[1:5]
-        for zone_id, started, last_in, last_seen, state, out_since, tgt, over, *shape in data[5:]:
+        u = self._unit(unit_id)
+        _, held = tb.visit_rows(self._units, self._visits, np.array([u], dtype=np.int64))
+        if len(held):  # restored again: the saved state replaces what was here
+            tb.close_visits(self._units, self._visits, self._meta, held, tb.R_NONE, 0,
+                            np.zeros((len(held), tb.EVENT_FIELDS), np.int64))  # fmt: skip
+        last_usable, seen_ts, lon, lat, acc = data[:5]
+        row = self._units[u]
+        row[tb.U_LAST] = NO_TIME if last_usable is None else last_usable
+        row[tb.U_SEEN] = NO_TIME if seen_ts is None else seen_ts
+        self._fixes[u] = (lon, lat, np.nan if acc is None else acc)
+        visits = data[5:]
+        self._stock_visits(len(visits))
+        for zone_id, started, last_in, last_seen, state, out_since, tgt, over, *shape in visits:
             if shape and shape[0] != self.index.shape_ids.get(zone_id):
                 self._reshaped.add((unit_id, zone_id))
-            unit.open[zone_id] = Visit(unit_id, zone_id, started, last_in, last_seen,
-                                       VisitState(state), out_since, None, tgt, over)  # fmt: skip
-        self.units[unit_id] = unit
-        if unit.open and unit.last_usable is not None:
-            self._watched.add(unit_id)
-            heapq.heappush(self._watch, (unit.last_usable, unit_id))
+            saved = Visit(unit_id, zone_id, started, last_in, last_seen, state, out_since,
+                          None, tgt, over)  # fmt: skip
+            tb.open_visit(self._units, self._visits, self._meta, u, self._zone(zone_id),
+                          np.array(saved.row(), dtype=np.int64))  # fmt: skip
+        if visits and last_usable is not None:
+            row[tb.U_WATCHED] = 1
+            self._to_watch.append((last_usable, u))
 
     def export_meta(self) -> dict[str, Any]:
         return {"clock": self.clock}

@@ -1,7 +1,9 @@
 """The visit state machine for one unit in one zone.
 
 In the style of h11: no I/O, every transition in `_TRANSITIONS`, and anything else raises
-`IllegalTransition` instead of being guessed at.
+`IllegalTransition` instead of being guessed at. `step` is the machine itself, over a visit
+held as a row of integers: the tracker runs it compiled over its table of open visits, and
+`Visit` runs it on one visit as an object.
 """
 
 from __future__ import annotations
@@ -10,6 +12,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import IntEnum, StrEnum
 
+import numpy as np
+import numpy.typing as npt
+
+from services.dosage.core.compiled import compiled
 from services.dosage.core.params import ZoneRules
 
 
@@ -56,14 +62,71 @@ _TRANSITIONS: dict[tuple[VisitState, Where], VisitState] = {
     (VisitState.EXIT_PENDING, Where.NEAR): VisitState.OPEN,
     (VisitState.EXIT_PENDING, Where.OUTSIDE): VisitState.EXIT_PENDING,
 }
+# The same table as compiled code reads it: [state, where], -1 where nothing is legal.
+_TABLE = np.full((len(VisitState), len(Where)), -1, dtype=np.int64)
+for (_state, _where), _next in _TRANSITIONS.items():
+    _TABLE[_state, _where] = _next
+
+# A visit as a row of int64: its own fields first (the tracker's table appends its own).
+STARTED, LAST_IN, LAST_SEEN, OUT_SINCE, STATE, TARGET_REPORTED, OVERSTAY_REPORTED = range(7)
+VISIT_FIELDS = 7
+NO_TIME = np.iinfo(np.int64).min  # "None" for a time held in an int64 column
+
+# The moments `step` reports, as bits, in the order they are told.
+TARGET_MET_BIT, OVERSTAY_BIT, ENDED_BIT = 1, 2, 4
+_MOMENT_BITS = ((TARGET_MET_BIT, Moment.TARGET_MET), (OVERSTAY_BIT, Moment.OVERSTAY),
+                (ENDED_BIT, Moment.ENDED))  # fmt: skip
+
+_OPEN, _CLOSED = int(VisitState.OPEN), int(VisitState.CLOSED)
 
 
-# Most observations cause nothing: one shared empty answer, not a new list each time.
-_NOTHING: tuple[Moment, ...] = ()
+@compiled
+def step(
+    visit: npt.NDArray[np.int64],
+    where: int,
+    ts: int,
+    target_ms: int,
+    max_visit_ms: int,
+    exit_confirm_ms: int,
+) -> int:
+    """Judge one usable ping of this visit's unit; return the moments it caused, as bits.
+    An ended visit is left CLOSED: its reason (exited) is the caller's to record."""
+    if visit[STATE] == _CLOSED:
+        raise IllegalTransition("the visit is closed")
+    if ts <= visit[LAST_SEEN]:
+        raise IllegalTransition("a ping not after the visit's previous ping")
+    state = _TABLE[visit[STATE], where]
+    visit[STATE] = state
+    visit[LAST_SEEN] = ts
+    if state == _OPEN:
+        visit[LAST_IN] = ts  # the time in between stays credited: a short excursion is jitter
+        visit[OUT_SINCE] = NO_TIME
+        moments = 0
+        duration = ts - visit[STARTED]
+        if not visit[TARGET_REPORTED] and duration >= target_ms:
+            visit[TARGET_REPORTED] = 1
+            moments |= TARGET_MET_BIT
+        if not visit[OVERSTAY_REPORTED] and duration > max_visit_ms:
+            visit[OVERSTAY_REPORTED] = 1
+            moments |= OVERSTAY_BIT
+        return moments
+    if visit[OUT_SINCE] == NO_TIME:
+        visit[OUT_SINCE] = ts
+    if ts - visit[OUT_SINCE] >= exit_confirm_ms:
+        visit[STATE] = _CLOSED
+        return ENDED_BIT
+    return 0
+
+
+def moments_of(bits: int) -> list[Moment]:
+    return [moment for bit, moment in _MOMENT_BITS if bits & bit]
 
 
 @dataclass(slots=True)
 class Visit:
+    """One visit as an object: for a single visit's questions and for inspecting a tracker.
+    The tracker itself keeps its visits as rows (see `step`)."""
+
     unit_id: str
     zone_id: str
     started_at: int  # epoch ms
@@ -79,6 +142,20 @@ class Visit:
     def open(cls, unit_id: str, zone_id: str, ts: int) -> Visit:
         return cls(unit_id, zone_id, ts, ts, ts)  # started_at, last_in, last_seen
 
+    @classmethod
+    def from_row(
+        cls, unit_id: str, zone_id: str, row: Sequence[int], end_reason: EndReason | None = None
+    ) -> Visit:
+        out = row[OUT_SINCE]
+        return cls(unit_id, zone_id, row[STARTED], row[LAST_IN], row[LAST_SEEN],
+                   VisitState(row[STATE]), None if out == NO_TIME else out, end_reason,
+                   bool(row[TARGET_REPORTED]), bool(row[OVERSTAY_REPORTED]))  # fmt: skip
+
+    def row(self) -> list[int]:
+        return [self.started_at, self.last_in, self.last_seen,
+                NO_TIME if self.out_since is None else self.out_since, int(self.state),
+                int(self.target_reported), int(self.overstay_reported)]  # fmt: skip
+
     @property
     def duration_ms(self) -> int:
         return self.last_in - self.started_at
@@ -93,62 +170,17 @@ class Visit:
         """Judge one usable ping of this unit; return the moments it caused, in order."""
         if self.state is VisitState.CLOSED:
             raise IllegalTransition(f"visit {self.unit_id}/{self.zone_id} is closed")
-        if ts <= self.last_seen:
-            raise IllegalTransition(
-                f"ping at {ts} is not after the visit's previous ping at {self.last_seen}"
-            )
-        state = self.state = _TRANSITIONS[(self.state, where)]
-        self.last_seen = ts
-        if state is VisitState.OPEN:
-            self.last_in = ts  # the time in between stays credited: a short excursion is jitter
-            self.out_since = None
-            if self.target_reported and self.overstay_reported:
-                return _NOTHING
-            moments: list[Moment] = []
-            duration = ts - self.started_at
-            if not self.target_reported and duration >= rules.target_ms:
-                self.target_reported = True
-                moments.append(Moment.TARGET_MET)
-            if not self.overstay_reported and duration > rules.max_visit_ms:
-                self.overstay_reported = True
-                moments.append(Moment.OVERSTAY)
-            return moments
-        if self.out_since is None:
-            self.out_since = ts
-        if ts - self.out_since >= exit_confirm_ms:
-            self.close(EndReason.EXITED)
-            return [Moment.ENDED]
-        return _NOTHING
-
-    def stay(self, ts: int, rules: ZoneRules) -> bool:
-        """`observe(INSIDE or NEAR, ...)` for the most common ping of all, one that finds the
-        unit in (or back in) the zone and causes no moment, without building an answer.
-        Anything else (and any ping `observe` would refuse) changes nothing here and returns
-        False: the caller then asks `observe`."""
-        if self.state is VisitState.CLOSED or ts <= self.last_seen:
-            return False
-        duration = ts - self.started_at
-        if (not self.target_reported and duration >= rules.target_ms) or (
-            not self.overstay_reported and duration > rules.max_visit_ms
-        ):
-            return False
-        self.state = VisitState.OPEN
-        self.out_since = None
-        self.last_in = self.last_seen = ts
-        return True
-
-    def away(self, ts: int, exit_confirm_ms: int) -> bool:
-        """`observe(OUTSIDE, ...)` for a ping that does not confirm the exit: the visit's exit
-        starts (or goes on) waiting for confirmation. Otherwise False, unchanged."""
-        if self.state is VisitState.CLOSED or ts <= self.last_seen:
-            return False
-        out_since = ts if self.out_since is None else self.out_since
-        if ts - out_since >= exit_confirm_ms:
-            return False
-        self.state = VisitState.EXIT_PENDING
-        self.out_since = out_since
-        self.last_seen = ts
-        return True
+        row = np.array(self.row(), dtype=np.int64)
+        bits = step(row, int(where), ts, rules.target_ms, rules.max_visit_ms, exit_confirm_ms)
+        changed = Visit.from_row(self.unit_id, self.zone_id, row.tolist())
+        self.state, self.last_in, self.last_seen = changed.state, changed.last_in, changed.last_seen
+        self.out_since = changed.out_since
+        self.target_reported, self.overstay_reported = (
+            changed.target_reported, changed.overstay_reported,
+        )  # fmt: skip
+        if bits & ENDED_BIT:
+            self.end_reason = EndReason.EXITED
+        return moments_of(bits)
 
     def close(self, reason: EndReason) -> None:
         if self.state is VisitState.CLOSED:

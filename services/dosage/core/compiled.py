@@ -1,0 +1,22 @@
+"""The one way the core compiles its per-ping loops: numba, cached on disk.
+
+The rules walk a batch ping by ping, because each ping's meaning depends on the one before it.
+Interpreted, that walk cost about 4 µs a ping; compiled, the same code over arrays costs tens
+of nanoseconds. `NUMBA_DISABLE_JIT=1` runs the very same functions as plain Python (slow, but
+every line visible to a debugger and to coverage).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, TypeVar, cast
+
+import numba
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def compiled(fn: F) -> F:
+    """Compile `fn` in nopython mode; the machine code is cached beside the module, so only
+    the first process after a change pays the compilation."""
+    return cast(F, numba.njit(cache=True, nogil=True)(fn))
