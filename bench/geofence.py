@@ -48,6 +48,10 @@ def main() -> None:
         # As the geofence service holds a fetch: columns (`process_columns`), with the
         # collector at the services' thresholds.
         cols = columns(*patrol(zones, args.units, max(1, args.points // args.units)))
+        # Warm-up: the compiled rules load from numba's cache on their first call.
+        b = args.batch
+        u, t, x, y, a = cols
+        feed(VisitTracker(index, params), (u[:b], t[:b], x[:b], y[:b], a[:b]), b)
         tracker = VisitTracker(index, params)
         before = gc.get_threshold()
         gc.set_threshold(*GC_THRESHOLDS)
