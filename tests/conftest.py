@@ -14,6 +14,13 @@ from pathlib import Path
 import pytest
 
 from services.common.embedded import EmbeddedKafka, EmbeddedPostgres, free_port
+from services.dosage.core.warmup import warm_up
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """Fill numba's cache before any test runs: on a fresh checkout, compiling the core takes
+    seconds, and a service under test would otherwise pay them inside a test's time limit."""
+    warm_up()
 
 
 def _stop(pid: int | None, sig: signal.Signals) -> None:

@@ -29,6 +29,7 @@ from services.common.stateful import StatefulService
 from services.common.zonestore import CHANNEL, load_zones
 from services.dosage.core.events import visit_cloudevent, zone_changed_cloudevent
 from services.dosage.core.tracker import VisitEvent, VisitTracker
+from services.dosage.core.warmup import warm_up
 from services.geofence.core.index import ZoneIndex
 
 log = logging.getLogger(__name__)
@@ -62,6 +63,9 @@ class GeofenceService(StatefulService):
 
     async def start(self) -> None:
         s = self.gsettings
+        # Compiled (or loaded from numba's cache) while the connections open, not on the
+        # first fetch.
+        warm = asyncio.create_task(asyncio.to_thread(warm_up))
         await kafka.ensure_topics(s, {s.topic_pings: {}, s.topic_visits: {}})
         await self.open_database()
         assert self.pool is not None
@@ -81,6 +85,7 @@ class GeofenceService(StatefulService):
         await self._save_versions()
         await self._listen()
         await self.http.start()
+        await warm
         self.ready = True
         log.info("geofence ready", extra={"zones": len(self.index), "http_port": self.http.port})
 
