@@ -19,7 +19,18 @@ import numpy as np
 
 from services.dosage.core import tables as tb
 from services.dosage.core.params import DosageParams, ZoneRules
-from services.dosage.core.visit import NO_TIME, EndReason, Visit
+from services.dosage.core.visit import (
+    LAST_IN,
+    LAST_SEEN,
+    NO_TIME,
+    OUT_SINCE,
+    OVERSTAY_REPORTED,
+    STARTED,
+    STATE,
+    TARGET_REPORTED,
+    EndReason,
+    Visit,
+)
 from services.geofence.core.index import ZoneIndex
 
 
@@ -114,6 +125,22 @@ def _accuracies(values: Sequence[float | None]) -> np.ndarray[Any, np.dtype[np.f
     if missing == n:
         return np.full(n, np.nan)
     return np.fromiter([np.nan if a is None else a for a in values], np.float64, n)
+
+
+def _times(column: np.ndarray[Any, np.dtype[np.int64]]) -> list[int | None]:
+    """A time column as a list, None where it holds NO_TIME."""
+    out: list[int | None] = column.tolist()
+    for i in np.flatnonzero(column == NO_TIME).tolist():
+        out[i] = None
+    return out
+
+
+def _floats(column: np.ndarray[Any, np.dtype[np.float64]]) -> list[float | None]:
+    """A float column as a list, None where it holds NaN."""
+    out: list[float | None] = column.tolist()
+    for i in np.flatnonzero(np.isnan(column)).tolist():
+        out[i] = None
+    return out
 
 
 def _time(value: int) -> int | None:
@@ -402,20 +429,26 @@ class VisitTracker:
 
     def export_units(self, unit_ids: Iterable[str]) -> dict[str, list[Any]]:
         """Each unit as a flat list. Saved for every unit a commit interval touched, so about
-        once per ping: gathered from the tables in a few calls, not per field."""
+        once per ping: each saved column is read out of the tables whole, then zipped."""
         ids = list(unit_ids)
         of = np.fromiter(map(self._unit_row.__getitem__, ids), np.int64, len(ids))
+        units, fixes = self._units.take(of, axis=0), self._fixes.take(of, axis=0)
+        heads = zip(_times(units[:, tb.U_LAST]), _times(units[:, tb.U_SEEN]),
+                    fixes[:, tb.F_LON].tolist(), fixes[:, tb.F_LAT].tolist(),
+                    _floats(fixes[:, tb.F_ACC]), strict=True)  # fmt: skip
+        out = {unit_id: list(head) for unit_id, head in zip(ids, heads, strict=True)}
         owner, rows = tb.visit_rows(self._units, self._visits, of)
-        units, fixes = self._units.take(of, axis=0).tolist(), self._fixes.take(of, 0).tolist()
-        out: dict[str, list[Any]] = {}
-        for unit_id, u, (lon, lat, acc) in zip(ids, units, fixes, strict=True):
-            out[unit_id] = [_time(u[tb.U_LAST]), _time(u[tb.U_SEEN]), lon, lat,
-                            None if acc != acc else acc]  # fmt: skip
-        shapes, zone_ids = self.index.shape_ids, self._zone_ids
-        for o, v in zip(owner.tolist(), self._visits.take(rows, axis=0).tolist(), strict=True):
-            zone_id = zone_ids[v[tb.V_ZONE]]
-            out[ids[o]].append([zone_id, v[0], v[1], v[2], v[4], _time(v[3]), bool(v[5]),
-                                bool(v[6]), shapes.get(zone_id)])  # fmt: skip
+        if len(rows) == 0:
+            return out
+        v = self._visits.take(rows, axis=0)
+        zone_ids = list(map(self._zone_ids.__getitem__, v[:, tb.V_ZONE].tolist()))
+        visits = zip(zone_ids, v[:, STARTED].tolist(), v[:, LAST_IN].tolist(),
+                     v[:, LAST_SEEN].tolist(), v[:, STATE].tolist(), _times(v[:, OUT_SINCE]),
+                     v[:, TARGET_REPORTED].astype(bool).tolist(),
+                     v[:, OVERSTAY_REPORTED].astype(bool).tolist(),
+                     map(self.index.shape_ids.get, zone_ids), strict=True)  # fmt: skip
+        for o, visit in zip(owner.tolist(), visits, strict=True):
+            out[ids[o]].append(list(visit))
         return out
 
     def restore_unit(self, unit_id: str, data: list[Any] | dict[str, Any]) -> None:
