@@ -12,7 +12,7 @@ from services.dosage.core.params import DosageParams
 from services.dosage.core.tracker import Fix, VisitTracker
 from services.geofence.core.index import ZoneIndex
 from tests.reference_tracker import ReferenceTracker
-from tests.test_tracker_rules import POS, T0, make_tracker, zones
+from tests.test_tracker_rules import LOST, POS, T0, make_tracker, zones
 
 PLACES = ["A", "B", "AB", "A_near", "A_out", "H", "H_hole", "far"]
 
@@ -82,3 +82,19 @@ def test_restoring_a_unit_again_replaces_what_it_held() -> None:
     assert tracker.open_visits == 2  # u1's H and u2's A: the rows of A and B were freed
     events = tracker.finish()
     assert sorted((e.unit_id, e.zone_id) for e in events) == [("u1", "H"), ("u2", "A")]
+
+
+def test_a_unit_restored_over_and_over_is_watched_without_overflow() -> None:
+    """Each restore watches the unit afresh (as a restart would); the watch heap makes room
+    for the repeats, and the watchdog still ends each visit once."""
+    saved = make_tracker()
+    saved.process([Fix("u1", T0, *POS["AB"])])
+    state = saved.export_unit("u1")
+    tracker = make_tracker()
+    tracker.restore_meta(saved.export_meta())
+    for _ in range(300):
+        tracker.restore_unit("u1", state)
+    assert tracker.process([Fix("u2", T0 + 1_000, *POS["far"])]) == []
+    events = tracker.advance(T0 + 3_600_000)
+    assert [(e.zone_id, e.end_reason) for e in events] == [("A", LOST), ("B", LOST)]
+    assert tracker.open_visits == 0

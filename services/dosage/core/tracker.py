@@ -323,7 +323,6 @@ class VisitTracker:
         )
         if not chosen:
             return []
-        self.dirty.update(unit_id for unit_id, _, _ in chosen)
         self._events, count = tb.close_visits(
             self._units, self._visits, self._meta, np.array([v for *_, v in chosen], np.int64),
             tb.R_ZONE_CHANGED, self.clock if self.clock is not None else 0, self._events,
@@ -360,7 +359,6 @@ class VisitTracker:
                 fresh[:, [tb.U_HEAD, tb.U_TAIL]] = -1
                 self._units = np.vstack([self._units, fresh])
                 self._fixes = np.vstack([self._fixes, np.zeros((grow, tb.FIX_FIELDS))])
-                self._heap = np.vstack([self._heap, np.zeros((grow, 2), dtype=np.int64)])
             self._ranked = False
         return u
 
@@ -395,6 +393,13 @@ class VisitTracker:
             ranks = np.argsort(np.array(self._unit_ids), kind="stable")
             self._units[ranks, tb.U_RANK] = np.arange(count)
             self._ranked = True
+        # The heap holds an entry per watched unit, and one more per unit restored while it
+        # was watched: room for every unit beyond what it holds, so no push can overflow it.
+        room = int(self._meta[tb.M_HEAP]) + len(self._to_watch) + len(self._unit_ids)
+        if len(self._heap) < room:
+            grown = np.zeros((2 * room, 2), dtype=np.int64)
+            grown[: len(self._heap)] = self._heap
+            self._heap = grown
         for ts, u in self._to_watch:
             tb.watch(self._heap, self._units, self._meta, ts, u)
         self._to_watch.clear()
