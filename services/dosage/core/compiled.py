@@ -1,8 +1,8 @@
 """The one way the core compiles its per-ping loops: numba, cached on disk.
 
 The rules walk a batch ping by ping, because each ping's meaning depends on the one before it.
-Interpreted, that walk cost about 4 µs a ping; compiled, the same code over arrays costs tens
-of nanoseconds. `NUMBA_DISABLE_JIT=1` runs the very same functions as plain Python (slow, but
+Interpreted, over objects, that walk cost about 4 µs a ping; compiled, over arrays, about
+0.3 µs. `NUMBA_DISABLE_JIT=1` runs the very same functions as plain Python (slow, but
 every line visible to a debugger and to coverage).
 """
 

@@ -2,9 +2,9 @@
 
 A unit is a row of `units` (and of `fixes`, its last-seen position); an open visit is a row of
 `visits`, linked to its unit's next visit in the order it opened. Each ping still meets the
-rules one at a time, in arrival order, as the rules require; compiled, that walk costs tens of
-nanoseconds a ping instead of microseconds. The visit transitions themselves are
-`visit.step`, the one machine both the tracker and `Visit` run.
+rules one at a time, in arrival order, as the rules require; compiled, that walk costs about
+0.3 µs a ping where the same rules over objects cost about 4 µs. The visit transitions
+themselves are `visit.step`, the one machine both the tracker and `Visit` run.
 
 Events come out as rows of `events` (see the E_* columns) for the tracker to turn into
 `VisitEvent`s; nothing here knows a unit's or a zone's id, only their row numbers.
@@ -48,7 +48,6 @@ Z_TARGET, Z_MAX, Z_RANK = range(3)
 ZONE_FIELDS = 3
 # meta: the stream clock, the free list of visit rows, the watch heap's size, open visits.
 M_CLOCK, M_FREE, M_HEAP, M_OPEN = range(4)
-META_FIELDS = 4
 # events: what happened, to which visit, and as of which stream clock.
 E_KIND, E_AT, E_UNIT, E_ZONE, E_STARTED, E_LAST_IN, E_REASON, E_CLOCK = range(8)
 EVENT_FIELDS = 8
