@@ -19,7 +19,7 @@ F = TypeVar("F", bound=Callable[..., Any])
 def compiled(fn: F) -> F:
     """Compile `fn` in nopython mode, on its first call. The machine code is cached beside the
     module (or in NUMBA_CACHE_DIR), so only the first process after a change pays for it:
-    17 s for the whole core on this project's machine, against 0.3–0.9 s to load it (see
+    11–12 s for the whole core on this project's machine, against 0.3–0.9 s to load it (see
     `warmup.py`). Where nothing is writable (a read-only root filesystem and no cache
     directory mounted) each process compiles for itself instead of failing."""
     try:

@@ -12,6 +12,8 @@ Events come out as rows of `events` (see the E_* columns) for the tracker to tur
 
 from __future__ import annotations
 
+from typing import cast
+
 import numpy as np
 import numpy.typing as npt
 
@@ -51,9 +53,20 @@ M_CLOCK, M_FREE, M_HEAP, M_OPEN = range(4)
 # events: what happened, to which visit, and as of which stream clock.
 E_KIND, E_AT, E_UNIT, E_ZONE, E_STARTED, E_LAST_IN, E_REASON, E_CLOCK = range(8)
 EVENT_FIELDS = 8
+
+
+def _int64(value: int) -> int:
+    """`value` as np.int64, for constants passed to compiled helpers: numba compiles a helper
+    once for each literal int it is passed (_emit came out eight times, the core's compiling
+    19 s instead of 11-12), and an np.int64 is no literal. An int to the type checker, which it
+    behaves as."""
+    return cast(int, np.int64(value))
+
+
 # E_KIND values, in VisitEventKind's order; E_REASON values, in EndReason's order, then none.
-K_STARTED, K_TARGET_MET, K_OVERSTAY, K_ENDED = range(4)
-R_EXITED, R_SIGNAL_LOST, R_END_OF_INPUT, R_ZONE_CHANGED, R_NONE = range(5)
+K_STARTED, K_TARGET_MET, K_OVERSTAY, K_ENDED = (_int64(k) for k in range(4))
+R_EXITED, R_SIGNAL_LOST, R_END_OF_INPUT, R_ZONE_CHANGED, R_NONE = (_int64(r) for r in range(5))
+_ZERO = _int64(0)
 # stats: counted per batch.
 S_VALID, S_USABLE, S_LOW_ACCURACY, S_DUPLICATE, S_LATE = range(5)
 STAT_FIELDS = 5
@@ -184,7 +197,7 @@ def _unwatch_first(heap: Table, units: Table, meta: Table) -> None:
     size = meta[M_HEAP] - 1
     meta[M_HEAP] = size
     heap[0, 0], heap[0, 1] = heap[size, 0], heap[size, 1]
-    i = 0
+    i = _ZERO
     while True:
         least, left = i, 2 * i + 1
         if left < size and _before(heap, units, left, least):
@@ -227,7 +240,7 @@ def walk(
 ) -> tuple[Table, int]:  # fmt: skip
     """The rules over a batch of valid pings in arrival order. Ping i's zones are
     hit_zone[first[i]:first[i + 1]] (zone rows), inside or only near by hit_inside."""
-    n = 0
+    n = _ZERO
     for i in range(len(unit)):
         u, t = unit[i], ts[i]
         stats[S_VALID] += 1
@@ -311,7 +324,7 @@ def close_units(units: Table, visits: Table, zones: Table, meta: Table, order: T
                 max_gap: int, events: Table) -> tuple[Table, int]:  # fmt: skip
     """End of input: close every open visit of the units in `order`, as lost if the unit
     was silent for more than max_gap at `at`."""
-    n = 0
+    n = _ZERO
     for u in order:
         if units[u, U_OPEN] == 0:
             continue
@@ -326,7 +339,7 @@ def close_units(units: Table, visits: Table, zones: Table, meta: Table, order: T
 def close_visits(units: Table, visits: Table, meta: Table, rows: Table, reason: int, at: int,
                  events: Table) -> tuple[Table, int]:  # fmt: skip
     """Close the given visit rows, in the given order."""
-    n = 0
+    n = _ZERO
     for v in rows:
         visits[v, STATE] = _CLOSED
         events = _emit(events, n, K_ENDED, at, visits, v, reason, meta[M_CLOCK])
