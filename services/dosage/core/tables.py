@@ -139,16 +139,8 @@ def open_visit(units: Table, visits: Table, meta: Table, u: int, zone: int, row:
 def _close_all(units: Table, visits: Table, zones: Table, meta: Table, u: int, reason: int,
                at: int, events: Table, n: int) -> tuple[Table, int]:  # fmt: skip
     """End every open visit of unit u, in zone id order."""
-    count = units[u, U_OPEN]
-    if count == 0:
-        return events, n
-    rows = np.empty(count, dtype=np.int64)
-    v, k = units[u, U_HEAD], 0
-    while v != -1:
-        rows[k] = v
-        k += 1
-        v = visits[v, V_NEXT]
-    for a in range(1, count):  # insertion sort: a unit has a handful of visits at most
+    _, rows = visit_rows(units, visits, np.full(1, u, dtype=np.int64))
+    for a in range(1, len(rows)):  # insertion sort: a unit has a handful of visits at most
         v = rows[a]
         rank = zones[visits[v, V_ZONE], Z_RANK]
         b = a - 1
@@ -156,12 +148,7 @@ def _close_all(units: Table, visits: Table, zones: Table, meta: Table, u: int, r
             rows[b + 1] = rows[b]
             b -= 1
         rows[b + 1] = v
-    for v in rows:
-        visits[v, STATE] = _CLOSED
-        events = _emit(events, n, K_ENDED, at, visits, v, reason, meta[M_CLOCK])
-        n += 1
-        _release(units, visits, meta, u, v)
-    return events, n
+    return close_visits(units, visits, meta, rows, reason, at, events, n)
 
 
 @compiled
@@ -337,9 +324,8 @@ def close_units(units: Table, visits: Table, zones: Table, meta: Table, order: T
 
 @compiled
 def close_visits(units: Table, visits: Table, meta: Table, rows: Table, reason: int, at: int,
-                 events: Table) -> tuple[Table, int]:  # fmt: skip
-    """Close the given visit rows, in the given order."""
-    n = _ZERO
+                 events: Table, n: int) -> tuple[Table, int]:  # fmt: skip
+    """Close the given visit rows, in the given order, their events from row n on."""
     for v in rows:
         visits[v, STATE] = _CLOSED
         events = _emit(events, n, K_ENDED, at, visits, v, reason, meta[M_CLOCK])

@@ -325,7 +325,7 @@ class VisitTracker:
             return []
         self._events, count = tb.close_visits(
             self._units, self._visits, self._meta, np.array([v for *_, v in chosen], np.int64),
-            tb.R_ZONE_CHANGED, self.clock if self.clock is not None else 0, self._events,
+            tb.R_ZONE_CHANGED, self.clock if self.clock is not None else 0, self._events, 0,
         )  # fmt: skip
         return self._visit_events(count, judged_by)
 
@@ -462,8 +462,8 @@ class VisitTracker:
         u = self._unit(unit_id)
         _, held = tb.visit_rows(self._units, self._visits, np.array([u], dtype=np.int64))
         if len(held):  # restored again: the saved state replaces what was here
-            tb.close_visits(self._units, self._visits, self._meta, held, tb.R_NONE, 0,
-                            np.zeros((len(held), tb.EVENT_FIELDS), np.int64))  # fmt: skip
+            self._events, _ = tb.close_visits(self._units, self._visits, self._meta, held,
+                                              tb.R_NONE, 0, self._events, 0)  # fmt: skip
         last_usable, seen_ts, lon, lat, acc = data[:5]
         row = self._units[u]
         row[tb.U_LAST] = NO_TIME if last_usable is None else last_usable
