@@ -30,6 +30,7 @@ from services.dosage.core.visit import (
     TARGET_REPORTED,
     EndReason,
     Visit,
+    VisitState,
 )
 from services.geofence.core.index import ZoneIndex
 
@@ -143,8 +144,12 @@ def _floats(column: np.ndarray[Any, np.dtype[np.float64]]) -> list[float | None]
     return out
 
 
-def _time(value: int) -> int | None:
-    return None if value == NO_TIME else value
+def _saved_visit(unit_id: str, saved: list[Any]) -> Visit:
+    """A visit as `export_units` saves it (its zone's shape id last, if saved since shapes
+    were)."""
+    zone_id, started, last_in, last_seen, state, out_since, target, overstay = saved[:8]
+    return Visit(unit_id, zone_id, started, last_in, last_seen, VisitState(state), out_since,
+                 None, target, overstay)  # fmt: skip
 
 
 class VisitTracker:
@@ -181,7 +186,8 @@ class VisitTracker:
 
     @property
     def clock(self) -> int | None:
-        return _time(int(self._meta[tb.M_CLOCK]))
+        clock = int(self._meta[tb.M_CLOCK])
+        return None if clock == NO_TIME else clock
 
     @clock.setter
     def clock(self, value: int | None) -> None:
@@ -197,19 +203,14 @@ class VisitTracker:
 
     @property
     def units(self) -> dict[str, UnitState]:
-        """A copy of every unit's state as objects: for inspection, not the hot path."""
-        return {unit_id: self._unit_state(unit_id) for unit_id in self._unit_ids}
-
-    def _unit_state(self, unit_id: str) -> UnitState:
-        u = self._unit_row[unit_id]
-        row, (lon, lat, acc) = self._units[u].tolist(), self._fixes[u].tolist()
-        _, visits = tb.visit_rows(self._units, self._visits, np.array([u], dtype=np.int64))
-        opened = {}
-        for v in self._visits[visits].tolist():
-            zone_id = self._zone_ids[v[tb.V_ZONE]]
-            opened[zone_id] = Visit.from_row(unit_id, zone_id, v)
-        return UnitState(_time(row[tb.U_LAST]), opened, _time(row[tb.U_SEEN]), lon, lat,
-                         None if acc != acc else acc)  # fmt: skip
+        """A copy of every unit's state as objects, read from its saved form: for inspection,
+        not the hot path."""
+        units = {}
+        for unit_id, row in self.export_units(self._unit_ids).items():
+            last_usable, seen_ts, lon, lat, acc, *visits = row
+            opened = {v[0]: _saved_visit(unit_id, v) for v in visits}
+            units[unit_id] = UnitState(last_usable, opened, seen_ts, lon, lat, acc)
+        return units
 
     # -- input -------------------------------------------------------------------------------
 
@@ -471,13 +472,13 @@ class VisitTracker:
         self._fixes[u] = (lon, lat, np.nan if acc is None else acc)
         visits = data[5:]
         self._stock_visits(len(visits))
-        for zone_id, started, last_in, last_seen, state, out_since, tgt, over, *shape in visits:
-            if shape and shape[0] != self.index.shape_ids.get(zone_id):
-                self._reshaped.add((unit_id, zone_id))
-            saved = Visit(unit_id, zone_id, started, last_in, last_seen, state, out_since,
-                          None, tgt, over)  # fmt: skip
-            tb.open_visit(self._units, self._visits, self._meta, u, self._zone(zone_id),
-                          np.array(saved.row(), dtype=np.int64))  # fmt: skip
+        for saved in visits:
+            visit = _saved_visit(unit_id, saved)
+            shape = saved[8:]
+            if shape and shape[0] != self.index.shape_ids.get(visit.zone_id):
+                self._reshaped.add((unit_id, visit.zone_id))
+            tb.open_visit(self._units, self._visits, self._meta, u, self._zone(visit.zone_id),
+                          np.array(visit.row(), dtype=np.int64))  # fmt: skip
         if visits and last_usable is not None:
             row[tb.U_WATCHED] = 1
             self._to_watch.append((last_usable, u))

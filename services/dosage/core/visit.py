@@ -142,15 +142,6 @@ class Visit:
     def open(cls, unit_id: str, zone_id: str, ts: int) -> Visit:
         return cls(unit_id, zone_id, ts, ts, ts)  # started_at, last_in, last_seen
 
-    @classmethod
-    def from_row(
-        cls, unit_id: str, zone_id: str, row: Sequence[int], end_reason: EndReason | None = None
-    ) -> Visit:
-        out = row[OUT_SINCE]
-        return cls(unit_id, zone_id, row[STARTED], row[LAST_IN], row[LAST_SEEN],
-                   VisitState(row[STATE]), None if out == NO_TIME else out, end_reason,
-                   bool(row[TARGET_REPORTED]), bool(row[OVERSTAY_REPORTED]))  # fmt: skip
-
     def row(self) -> list[int]:
         return [self.started_at, self.last_in, self.last_seen,
                 NO_TIME if self.out_since is None else self.out_since, int(self.state),
@@ -172,12 +163,9 @@ class Visit:
             raise IllegalTransition(f"visit {self.unit_id}/{self.zone_id} is closed")
         row = np.array(self.row(), dtype=np.int64)
         bits = step(row, int(where), ts, rules.target_ms, rules.max_visit_ms, exit_confirm_ms)
-        changed = Visit.from_row(self.unit_id, self.zone_id, row.tolist())
-        self.state, self.last_in, self.last_seen = changed.state, changed.last_in, changed.last_seen
-        self.out_since = changed.out_since
-        self.target_reported, self.overstay_reported = (
-            changed.target_reported, changed.overstay_reported,
-        )  # fmt: skip
+        _, self.last_in, self.last_seen, out_since, state, target, overstay = row.tolist()
+        self.state, self.out_since = VisitState(state), None if out_since == NO_TIME else out_since
+        self.target_reported, self.overstay_reported = bool(target), bool(overstay)
         if bits & ENDED_BIT:
             self.end_reason = EndReason.EXITED
         return moments_of(bits)
