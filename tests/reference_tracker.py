@@ -1,13 +1,15 @@
 """The visit rules as they were written before they were compiled: one Python object per
-unit and per visit, each usable ping through `Visit.observe`. Kept as the oracle that
-`tests/test_properties.py` holds the compiled tracker (services/dosage/core/tables.py) to,
-event for event, count for count and saved unit for saved unit.
+unit and per visit, each usable ping through a Python `observe`. Kept as the oracle that
+`tests/test_properties.py` and `tests/test_tracker_tables.py` hold the compiled tracker
+(services/dosage/core/tables.py) to, event for event, count for count and saved unit for
+saved unit. Only what they call is kept: pings in, end of input, and the saved form; the
+watchdog at a live clock, zone changes and restores are the rule tables' to test.
 """
 
 from __future__ import annotations
 
 import heapq
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import numpy as np
@@ -19,6 +21,7 @@ from services.dosage.core.tracker import (
     UnitState,
     VisitEvent,
     VisitEventKind,
+    fix_columns,
 )
 from services.dosage.core.visit import (
     EndReason,
@@ -95,21 +98,11 @@ class ReferenceTracker:
         self._watched: set[str] = set()
         # Units whose state changed since the owner last saved it (live services persist these).
         self.dirty: set[str] = set()
-        self._reshaped: set[tuple[str, str]] = set()  # restored visits on an older zone shape
 
     # -- input -------------------------------------------------------------------------------
 
     def process(self, fixes: Sequence[Fix]) -> list[VisitEvent]:
-        """Apply a batch of valid pings in arrival order."""
-        if not fixes:
-            return []
-        return self.process_columns(
-            [f.unit_id for f in fixes],
-            [f.ts for f in fixes],
-            [f.lon for f in fixes],
-            [f.lat for f in fixes],
-            [f.accuracy_m for f in fixes],
-        )
+        return self.process_columns(*fix_columns(fixes))
 
     def process_columns(
         self,
@@ -119,8 +112,6 @@ class ReferenceTracker:
         lat: Sequence[float],
         accuracy_m: Sequence[float | None],
     ) -> list[VisitEvent]:
-        """`process` for a batch held as columns, one entry per valid ping (as a bulk reader
-        holds them), without a `Fix` per ping."""
         out: list[VisitEvent] = []
         n = len(unit_ids)
         if n == 0:
@@ -180,24 +171,6 @@ class ReferenceTracker:
             stats.late += late
         return out
 
-    def advance(self, clock: int) -> list[VisitEvent]:
-        """Run the watchdog at a live clock: the newest ping time plus the wall time since the
-        partition last delivered. It does not move the data clock, which stays the newest ping
-        time, so a backlog delivered after a stall is judged by its own times."""
-        out: list[VisitEvent] = []
-        if self.clock is None or clock > self.clock:
-            self._watchdog(out, clock)
-        return out
-
-    def reconcile(self) -> list[VisitEvent]:
-        """Close restored visits in zones deleted or reshaped while their state was saved."""
-        stale, self._reshaped = self._reshaped, set()
-        live = self.index.position
-        return self._close_zone_changed(
-            lambda unit_id, zone_id: zone_id not in live or (unit_id, zone_id) in stale,
-            self.index,
-        )
-
     def finish(self) -> list[VisitEvent]:
         """End of input: close what is still open."""
         out: list[VisitEvent] = []
@@ -211,28 +184,6 @@ class ReferenceTracker:
             self._close_all(unit, reason, clock, out)
         self._watch.clear()
         self._watched.clear()
-        return out
-
-    def replace_index(self, index: ZoneIndex) -> list[VisitEvent]:
-        """Swap in a rebuilt index; visits in zones whose shape changed or that are gone close."""
-        old = self.index
-        gone = {z for z, shape in old.shape_ids.items() if index.shape_ids.get(z) != shape}
-        self.index = index
-        return self._close_zone_changed(lambda _unit, zone_id: zone_id in gone, old)
-
-    def _close_zone_changed(
-        self, closes: Callable[[str, str], bool], judged_by: ZoneIndex
-    ) -> list[VisitEvent]:
-        """Rule 6: open visits in a changed or deleted zone end (at their last_in)."""
-        out: list[VisitEvent] = []
-        clock = self.clock if self.clock is not None else 0
-        for unit_id in sorted(self.units):
-            unit = self.units[unit_id]
-            for zone_id in sorted(z for z in unit.open if closes(unit_id, z)):
-                self.dirty.add(unit_id)
-                visit = unit.open.pop(zone_id)
-                visit.close(EndReason.ZONE_CHANGED)
-                out.append(self._event(VisitEventKind.ENDED, clock, visit, judged_by))
         return out
 
     # -- rules -------------------------------------------------------------------------------
@@ -323,9 +274,6 @@ class ReferenceTracker:
 
     # -- persistence (live services save this next to their consumer offsets) ----------------
 
-    def export_unit(self, unit_id: str) -> list[Any]:
-        return self.export_units((unit_id,))[unit_id]
-
     def export_units(self, unit_ids: Iterable[str]) -> dict[str, list[Any]]:
         """Each unit as a flat list. Saved for every unit a commit interval touched, so about
         once per ping: one loop, with no call per unit or per visit."""
@@ -341,24 +289,3 @@ class ReferenceTracker:
                             shapes.get(v.zone_id)])  # fmt: skip
             out[unit_id] = row
         return out
-
-    def restore_unit(self, unit_id: str, data: list[Any] | dict[str, Any]) -> None:
-        if isinstance(data, dict):  # saved before the flat form
-            data = [data["last_usable"], *data["seen"], *data["open"]]
-        unit = UnitState(last_usable=data[0])
-        unit.seen_ts, unit.seen_lon, unit.seen_lat, unit.seen_accuracy_m = data[1:5]
-        for zone_id, started, last_in, last_seen, state, out_since, tgt, over, *shape in data[5:]:
-            if shape and shape[0] != self.index.shape_ids.get(zone_id):
-                self._reshaped.add((unit_id, zone_id))
-            unit.open[zone_id] = Visit(unit_id, zone_id, started, last_in, last_seen,
-                                       VisitState(state), out_since, None, tgt, over)  # fmt: skip
-        self.units[unit_id] = unit
-        if unit.open and unit.last_usable is not None:
-            self._watched.add(unit_id)
-            heapq.heappush(self._watch, (unit.last_usable, unit_id))
-
-    def export_meta(self) -> dict[str, Any]:
-        return {"clock": self.clock}
-
-    def restore_meta(self, data: dict[str, Any]) -> None:
-        self.clock = data.get("clock")

@@ -46,6 +46,14 @@ class Fix:
     accuracy_m: float | None = None
 
 
+def fix_columns(
+    fixes: Sequence[Fix],
+) -> tuple[list[str], list[int], list[float], list[float], list[float | None]]:
+    """A batch of fixes as `process_columns` takes it."""
+    return ([f.unit_id for f in fixes], [f.ts for f in fixes], [f.lon for f in fixes],
+            [f.lat for f in fixes], [f.accuracy_m for f in fixes])  # fmt: skip
+
+
 # StrEnum, not Enum: a plain Enum member hashes in Python (Enum.__hash__), and every event's
 # kind is a dict key on its way out (the CloudEvent type, the board's stage).
 class VisitEventKind(StrEnum):
@@ -216,15 +224,7 @@ class VisitTracker:
 
     def process(self, fixes: Sequence[Fix]) -> list[VisitEvent]:
         """Apply a batch of valid pings in arrival order."""
-        if not fixes:
-            return []
-        return self.process_columns(
-            [f.unit_id for f in fixes],
-            [f.ts for f in fixes],
-            [f.lon for f in fixes],
-            [f.lat for f in fixes],
-            [f.accuracy_m for f in fixes],
-        )
+        return self.process_columns(*fix_columns(fixes))
 
     def process_columns(
         self,
