@@ -37,14 +37,15 @@ def workload(zones: int, units: int, steps: int, stage: str) -> None:
 
     `core`: the index and the visit rules on columns. `geofence`: the geofence service's own
     work on a fetch, by its own methods, without its I/O: `GeofenceService.process` on the
-    records as ingest writes them (read into columns, the core, a CloudEvent per visit event),
-    the events serialised as `publish` hands them to the producer, and the state save
-    encoded (`state_changes`: the changed units exported)."""
+    records as ingest writes them (read into columns, the core, the visit events written as
+    `publish` hands them to the producer), and the state save encoded (`state_changes`: the
+    changed units exported)."""
     from bench._city import columns, feed, patrol, zone_specs
     from bench.geofence_service import drain, offline
     from services.common.runner import GC_THRESHOLDS
     from services.dosage.core.params import DosageParams
     from services.dosage.core.tracker import VisitTracker
+    from services.dosage.core.warmup import warm_up
     from services.geofence.core.index import ZoneIndex
 
     params = DosageParams()
@@ -62,6 +63,9 @@ def workload(zones: int, units: int, steps: int, stage: str) -> None:
     def geofence() -> None:
         drain(service, records, batch)
 
+    # Compiled before the count: under valgrind numba sees another CPU, so its cache misses
+    # and it compiles afresh (tens of billions of instructions).
+    warm_up()
     thread = threading.Thread(target=core if stage == "core" else geofence)
     thread.start()
     thread.join()
