@@ -39,7 +39,7 @@ from services.common.settings import CommonSettings
 from services.common.zonestore import import_zones
 from services.dosage.core.params import DosageParams
 from services.geofence.core.index import ZoneIndex
-from services.geofence.service import GeofenceService, GeofenceSettings, kafka_records
+from services.geofence.service import GeofenceService, GeofenceSettings
 
 
 def normalised(unit_ids: list[str], ts: Any, lon: Any, lat: Any) -> list[tuple[bytes, bytes]]:
@@ -66,26 +66,19 @@ def offline(
     return service, records
 
 
-def serialised(outputs: list[Any]) -> list[tuple[bytes, bytes]]:
-    """Visit events as `publish` hands them to the producer."""
-    return list(kafka_records(outputs))
-
-
 def drain(
     service: GeofenceService,
     records: list[ConsumerRecord],
     batch: int,
-    serialise: Callable[[list[Any]], object] = serialised,
     save_state: Callable[[], object] | None = None,
 ) -> int:
     """The records, `batch` a fetch, through the service's own work short of its I/O:
-    `process`, the events serialised, and the state save encoded (`state_changes`). The visit
-    events made."""
+    `process` (which hands back the events as the producer takes them) and the state save
+    encoded (`state_changes`). The visit events made."""
     save_state = save_state or service.state_changes
     events = 0
     for start in range(0, len(records), batch):
         outputs, _newest = service.process(0, records[start : start + batch])
-        serialise(outputs)
         save_state()
         events += len(outputs)
     return events

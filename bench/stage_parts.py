@@ -3,12 +3,13 @@
     .venv/bin/python bench/stage_parts.py [--zones 10000] [--units 5000] [--steps 20]
 
 Runs `bench/instructions.py`'s geofence stage (the service's own `process` on the records as
-ingest writes them, `kafka_records`, `state_changes`) with a timer around each of its parts:
-reading the fetch into columns, the core (index and visit rules), building the CloudEvents,
-serialising them, and encoding the state save. The parts are timed where the service calls
-them (its reader, its tracker and its CloudEvent builder are wrapped, not copied), so the
-figures follow the service as it changes. A wrapper costs about 0.1 µs a call: the CloudEvent
-share is a little high. Timings: compare shares, and runs on one machine state.
+ingest writes them, then `state_changes`) with a timer around each of its parts: reading the
+fetch into columns, the core (index and visit rules), writing the events as the producer takes
+them (`visit_records`: CloudEvents JSON, keyed by zone), and encoding the state save. The
+parts are timed where the service calls them (its reader, its tracker and its event writer are
+wrapped, not copied), so the figures follow the service as it changes. Each wrapper is called
+once a fetch, so it costs nothing that shows. Timings: compare shares, and runs on one
+machine state.
 """
 
 from __future__ import annotations
@@ -25,12 +26,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import services.geofence.service as geofence
 from bench._city import patrol, save, table, zone_specs
-from bench.geofence_service import drain, offline, serialised
+from bench.geofence_service import drain, offline
 from services.common.runner import GC_THRESHOLDS
 from services.dosage.core.params import DosageParams
 from services.geofence.core.index import ZoneIndex
 
-PARTS = ["read", "core", "cloudevents", "serialise", "state save"]
+PARTS = ["read", "core", "events", "state save"]
 
 
 def timed(spent: dict[str, float], part: str, fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -53,19 +54,18 @@ def measure(zones: int, units: int, steps: int, batch: int) -> dict[str, Any]:
     spent = dict.fromkeys(PARTS, 0.0)
     service.reader.read_values = timed(spent, "read", service.reader.read_values)  # type: ignore[method-assign]
     tracker = service.trackers[0]
-    tracker.process_columns = timed(spent, "core", tracker.process_columns)  # type: ignore[method-assign]
+    tracker.apply_columns = timed(spent, "core", tracker.apply_columns)  # type: ignore[method-assign]
     module = vars(geofence)  # the name `process` calls, rebound for the run
-    built = module["visit_cloudevent"]
-    module["visit_cloudevent"] = timed(spent, "cloudevents", built)
-    serialise = timed(spent, "serialise", serialised)
+    built = module["visit_records"]
+    module["visit_records"] = timed(spent, "events", built)
     state = timed(spent, "state save", service.state_changes)
     before = gc.get_threshold()
     gc.set_threshold(*GC_THRESHOLDS)
     t0 = time.perf_counter()
     try:
-        events = drain(service, records, batch, serialise, state)
+        events = drain(service, records, batch, state)
     finally:
-        module["visit_cloudevent"] = built
+        module["visit_records"] = built
         gc.set_threshold(*before)
     total = time.perf_counter() - t0
     row: dict[str, Any] = {"zones": zones, "pings": len(records), "events": events}

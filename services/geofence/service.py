@@ -11,7 +11,6 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import asyncpg
@@ -27,13 +26,14 @@ from services.common.runner import run_service
 from services.common.settings import CommonSettings
 from services.common.stateful import StatefulService
 from services.common.zonestore import CHANNEL, load_zones
-from services.dosage.core.events import visit_cloudevent, zone_changed_cloudevent
+from services.dosage.core.events import visit_cloudevent, visit_records, zone_changed_cloudevent
 from services.dosage.core.tracker import VisitEvent, VisitTracker
 from services.dosage.core.warmup import warm_up
 from services.geofence.core.index import ZoneIndex
 
 log = logging.getLogger(__name__)
 META = ""  # the partition's own state row
+Record = tuple[bytes, bytes]  # a visits-topic record: its key and value
 
 
 class GeofenceSettings(CommonSettings):
@@ -54,7 +54,7 @@ class GeofenceService(StatefulService):
         self.versions: dict[str, int] = {}
         self.trackers: dict[int, VisitTracker] = {}
         self.reader = FastPings()
-        self._backlog: list[Any] = []  # outputs from restoring, sent with the next batch
+        self._backlog: list[Record] = []  # outputs from restoring, sent with the next batch
         self._zone_task: asyncio.Task[None] | None = None
         self._zones_changed = asyncio.Event()
         self._listen_conn: asyncpg.Connection | None = None
@@ -79,7 +79,7 @@ class GeofenceService(StatefulService):
         changed = await self._load_zones()
         await self.start_kafka()
         if changed:
-            await self.publish([self._zone_changed(c) for c in changed])
+            await self.publish([kafka_record(self._zone_changed(c)) for c in changed])
             assert self.out is not None
             await self.out.acked()  # announced before the versions are marked as announced
         await self._save_versions()
@@ -183,8 +183,8 @@ class GeofenceService(StatefulService):
             events: list[VisitEvent] = []
             for tracker in self.trackers.values():
                 events.extend(tracker.replace_index(self.index))
-            outputs: list[Any] = [visit_cloudevent(e, self.gsettings.source) for e in events]
-            outputs += [self._zone_changed(c) for c in changed]
+            outputs = self._records_of(events)
+            outputs += [kafka_record(self._zone_changed(c)) for c in changed]
             await self.publish(outputs)
             await self.save(outputs, {})
             await self._save_versions()
@@ -210,9 +210,7 @@ class GeofenceService(StatefulService):
                 tracker.restore_unit(key, value)
         self.trackers[partition] = tracker
         # Visits in zones deleted while this partition was unowned end now, not crash later.
-        self._backlog.extend(
-            visit_cloudevent(e, self.gsettings.source) for e in tracker.reconcile()
-        )
+        self._backlog.extend(self._records_of(tracker.reconcile()))
 
     def drop_partition(self, partition: int) -> None:
         self.trackers.pop(partition, None)
@@ -222,7 +220,7 @@ class GeofenceService(StatefulService):
 
     def process(
         self, partition: int, records: list[ConsumerRecord]
-    ) -> tuple[list[Any], int | None]:
+    ) -> tuple[list[Record], int | None]:
         tracker = self.trackers[partition]
         backlog, self._backlog = self._backlog, []
         # The whole fetch in one msgspec call, into columns: no object per ping.
@@ -233,11 +231,11 @@ class GeofenceService(StatefulService):
         PINGS_IN.labels(self.name, "kafka").inc(n)
         if not n:
             return backlog, None
-        events = tracker.process_columns(read.unit_id, read.ts, read.lon, read.lat,
-                                         read.accuracy_m)  # fmt: skip
+        events = tracker.apply_columns(read.unit_id, read.ts, read.lon, read.lat,
+                                       read.accuracy_m)  # fmt: skip
         newest = max(read.ts)
         LATENCY.labels(self.name).observe(max(0.0, time.time() - newest / 1000))
-        return backlog + [visit_cloudevent(e, self.gsettings.source) for e in events], newest
+        return backlog + visit_records(events, self.gsettings.source), newest
 
     def _read_slowly(
         self, partition: int, records: list[ConsumerRecord], read: PingColumns
@@ -264,10 +262,15 @@ class GeofenceService(StatefulService):
         )
         read.unread = []
 
-    def tick(self, partition: int, clock: int) -> list[Any]:
+    def tick(self, partition: int, clock: int) -> list[Record]:
         backlog, self._backlog = self._backlog, []
-        events = self.trackers[partition].advance(clock)
-        return backlog + [visit_cloudevent(e, self.gsettings.source) for e in events]
+        events = self.trackers[partition].advance_rows(clock)
+        return backlog + visit_records(events, self.gsettings.source)
+
+    def _records_of(self, events: list[VisitEvent]) -> list[Record]:
+        """Events of the rarer paths (zone changes, restores), through their CloudEvent dicts:
+        `visit_records` writes the same bytes for the hot ones."""
+        return [kafka_record(visit_cloudevent(e, self.gsettings.source)) for e in events]
 
     def full_state(self, partition: int) -> dict[str, Any]:
         tracker = self.trackers.get(partition)
@@ -285,18 +288,18 @@ class GeofenceService(StatefulService):
         OPEN_VISITS.labels(self.name).set(sum(t.open_visits for t in self.trackers.values()))
         return rows
 
-    async def publish(self, outputs: list[Any]) -> None:
+    async def publish(self, outputs: list[Record]) -> None:
         if not outputs:
             return
         assert self.out is not None
         topic = self.gsettings.topic_visits
-        await self.out.send(topic, kafka_records(outputs), wait=False)
+        await self.out.send(topic, outputs, wait=False)
         EVENTS_OUT.labels(self.name, topic).inc(len(outputs))
 
 
-def kafka_records(outputs: list[dict[str, Any]]) -> Iterator[tuple[bytes, bytes]]:
-    """Events as the visits topic carries them: keyed by zone (the subject), JSON."""
-    return ((o["subject"].encode(), orjson.dumps(o)) for o in outputs)
+def kafka_record(doc: dict[str, Any]) -> Record:
+    """An event as the visits topic carries it: keyed by zone (the subject), JSON."""
+    return doc["subject"].encode(), orjson.dumps(doc)
 
 
 async def main(settings: GeofenceSettings | None = None) -> None:

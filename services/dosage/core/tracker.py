@@ -64,9 +64,9 @@ class VisitEventKind(StrEnum):
 
 
 # Event rows' codes (tables.K_*, tables.R_*) as the values they stand for.
-_KINDS = (VisitEventKind.STARTED, VisitEventKind.TARGET_MET, VisitEventKind.OVERSTAY,
+EVENT_KINDS = (VisitEventKind.STARTED, VisitEventKind.TARGET_MET, VisitEventKind.OVERSTAY,
           VisitEventKind.ENDED)  # fmt: skip
-_REASONS = (EndReason.EXITED, EndReason.SIGNAL_LOST, EndReason.END_OF_INPUT,
+END_REASONS = (EndReason.EXITED, EndReason.SIGNAL_LOST, EndReason.END_OF_INPUT,
             EndReason.ZONE_CHANGED, None)  # fmt: skip
 
 
@@ -101,6 +101,30 @@ class VisitEvent:
     @property
     def overstay(self) -> bool:
         return self.duration_ms > self.rules.max_visit_ms
+
+
+@dataclass(frozen=True, slots=True)
+class EventRows:
+    """Visit events as the rules wrote them, one int64 row each (`tables.E_*` columns), with
+    the tracker's ids and rules their numbers refer to. `events()` makes them `VisitEvent`s;
+    `events.visit_records` encodes them for the wire without that step."""
+
+    rows: np.ndarray[Any, np.dtype[np.int64]]
+    unit_ids: Sequence[str]
+    zone_ids: Sequence[str]
+    rules: Sequence[ZoneRules]  # by zone row
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def events(self) -> list[VisitEvent]:
+        unit_ids, zone_ids, rules = self.unit_ids, self.zone_ids, self.rules
+        kinds, reasons = EVENT_KINDS, END_REASONS
+        # Positional: a call by keyword costs more, once per event on the hot path.
+        return [
+            VisitEvent(kinds[k], at, unit_ids[u], zone_ids[z], s, li, rules[z], reasons[r], c)
+            for k, at, u, z, s, li, r, c in self.rows.tolist()
+        ]
 
 
 @dataclass(slots=True)
@@ -236,9 +260,20 @@ class VisitTracker:
     ) -> list[VisitEvent]:
         """`process` for a batch held as columns, one entry per valid ping (as a bulk reader
         holds them), without a `Fix` per ping."""
+        return self.apply_columns(unit_ids, ts, lon, lat, accuracy_m).events()
+
+    def apply_columns(
+        self,
+        unit_ids: Sequence[str],
+        ts: Sequence[int],
+        lon: Sequence[float],
+        lat: Sequence[float],
+        accuracy_m: Sequence[float | None],
+    ) -> EventRows:
+        """`process_columns`, its events left as rows (for `events.visit_records`)."""
         n = len(unit_ids)
         if n == 0:
-            return []
+            return self._event_rows(0)
         rows = np.fromiter(map(self._unit_row.get, unit_ids, repeat(-1)), np.int64, n)
         if rows.min() < 0:
             for i in np.flatnonzero(rows < 0).tolist():
@@ -262,20 +297,24 @@ class VisitTracker:
         finally:
             self._count(self._stats)
         self.dirty.update(unit_ids)
-        return self._visit_events(count)
+        return self._event_rows(count)
 
     def advance(self, clock: int) -> list[VisitEvent]:
         """Run the watchdog at a live clock: the newest ping time plus the wall time since the
         partition last delivered. It does not move the data clock, which stays the newest ping
         time, so a backlog delivered after a stall is judged by its own times."""
+        return self.advance_rows(clock).events()
+
+    def advance_rows(self, clock: int) -> EventRows:
+        """`advance`, its events left as rows."""
         if self.clock is not None and clock <= self.clock:
-            return []
+            return self._event_rows(0)
         self._sync()
         self._events, count = tb.watchdog(
             self._units, self._visits, self._zones, self._heap, self._meta, clock,
             self._max_gap, self._events, 0,
         )  # fmt: skip
-        return self._visit_events(count)
+        return self._event_rows(count)
 
     def reconcile(self) -> list[VisitEvent]:
         """Close restored visits in zones deleted or reshaped while their state was saved."""
@@ -415,18 +454,18 @@ class VisitTracker:
         stats.late += late
 
     def _visit_events(self, count: int, judged_by: ZoneIndex | None = None) -> list[VisitEvent]:
-        if count == 0:
-            return []
-        unit_ids, zone_ids, rules = self._unit_ids, self._zone_ids, self._zone_rules
+        return self._event_rows(count, judged_by).events() if count else []
+
+    def _event_rows(self, count: int, judged_by: ZoneIndex | None = None) -> EventRows:
+        """The first `count` rows of the event table, copied: the next call writes over it."""
+        rules = self._zone_rules
         if judged_by is not None:  # a zone gone from an index is judged by the defaults
-            rules = [judged_by.rules_by_id.get(z) or self._defaults for z in zone_ids]
-        rows = self._events[:count]
-        self.dirty.update(map(unit_ids.__getitem__, np.unique(rows[:, tb.E_UNIT]).tolist()))
-        # Positional: a call by keyword costs more, once per event on the hot path.
-        return [
-            VisitEvent(_KINDS[k], at, unit_ids[u], zone_ids[z], s, li, rules[z], _REASONS[r], c)
-            for k, at, u, z, s, li, r, c in rows.tolist()
-        ]
+            rules = [judged_by.rules_by_id.get(z) or self._defaults for z in self._zone_ids]
+        rows = self._events[:count].copy()
+        if count:
+            unit_ids = self._unit_ids
+            self.dirty.update(map(unit_ids.__getitem__, np.unique(rows[:, tb.E_UNIT]).tolist()))
+        return EventRows(rows, self._unit_ids, self._zone_ids, rules)
 
     # -- persistence (live services save this next to their consumer offsets) ----------------
 
