@@ -52,15 +52,10 @@ class PartitionStateStore:
             "WHERE consumer = $1 AND topic = $2 AND partition = $3 ORDER BY seq", *key,
         ):  # fmt: skip
             if r["snapshot"]:
-                state.clear()
                 snapshot, since = len(r["changes"]), 0.0
             else:
                 since += len(r["changes"])
-            for k, value in orjson.loads(r["changes"]).items():
-                if value is None:
-                    state.pop(k, None)
-                else:
-                    state[k] = value
+            apply_change(state, r["snapshot"], r["changes"])
         self._log_size[partition] = (snapshot, since)
         return offset, state
 
@@ -75,7 +70,7 @@ class PartitionStateStore:
             changed = everything()
         elif not changed:
             return None
-        doc = orjson.dumps(changed)
+        doc = orjson.dumps(changed, option=orjson.OPT_SERIALIZE_NUMPY)  # tables of columns
         self._log_size[partition] = (len(doc), 0.0) if full else (snapshot, since + len(doc))
         return partition, full, doc
 
@@ -113,3 +108,15 @@ class PartitionStateStore:
                 "DO UPDATE SET next_offset = EXCLUDED.next_offset",
                 [(self.consumer, self.topic, p, o) for p, o in offsets.items()],
             )
+
+
+def apply_change(state: dict[str, Any], snapshot: bool, doc: bytes) -> None:
+    """One saved change (`encode`'s doc) applied to the state read so far: a snapshot
+    replaces it, a change sets its keys (None deletes one)."""
+    if snapshot:
+        state.clear()
+    for k, value in orjson.loads(doc).items():
+        if value is None:
+            state.pop(k, None)
+        else:
+            state[k] = value

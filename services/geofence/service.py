@@ -27,12 +27,15 @@ from services.common.settings import CommonSettings
 from services.common.stateful import StatefulService
 from services.common.zonestore import CHANNEL, load_zones
 from services.dosage.core.events import visit_cloudevent, visit_records, zone_changed_cloudevent
-from services.dosage.core.tracker import VisitEvent, VisitTracker
+from services.dosage.core.tracker import VisitEvent, VisitTracker, units_of_table
 from services.dosage.core.warmup import warm_up
 from services.geofence.core.index import ZoneIndex
 
 log = logging.getLogger(__name__)
 META = ""  # the partition's own state row
+# A save's changed units, as one table (`VisitTracker.export_table`), under TABLE + its number:
+# no unit id holds a "#".
+TABLE = "#units "
 Record = tuple[bytes, bytes]  # a visits-topic record: its key and value
 
 
@@ -53,6 +56,7 @@ class GeofenceService(StatefulService):
         self.index = ZoneIndex([], settings.dosage)
         self.versions: dict[str, int] = {}
         self.trackers: dict[int, VisitTracker] = {}
+        self._next_table: dict[int, int] = {}  # partition -> the number its next save takes
         self.reader = FastPings()
         self._backlog: list[Record] = []  # outputs from restoring, sent with the next batch
         self._zone_task: asyncio.Task[None] | None = None
@@ -203,17 +207,22 @@ class GeofenceService(StatefulService):
 
     def restore_partition(self, partition: int, rows: dict[str, Any]) -> None:
         tracker = VisitTracker(self.index, self.settings.dosage)
-        for key, value in rows.items():
-            if key == META:
-                tracker.restore_meta(value)
-            else:
-                tracker.restore_unit(key, value)
+        tracker.restore_meta(rows.get(META, {}))
+        # Units saved a row each (before tables) are older than any table; tables in order.
+        units = {k: v for k, v in rows.items() if k != META and not k.startswith(TABLE)}
+        tables = sorted(int(k.removeprefix(TABLE)) for k in rows if k.startswith(TABLE))
+        for n in tables:
+            units.update(units_of_table(rows[f"{TABLE}{n}"]))
+        for unit_id, value in units.items():
+            tracker.restore_unit(unit_id, value)
         self.trackers[partition] = tracker
+        self._next_table[partition] = tables[-1] + 1 if tables else 0
         # Visits in zones deleted while this partition was unowned end now, not crash later.
         self._backlog.extend(self._records_of(tracker.reconcile()))
 
     def drop_partition(self, partition: int) -> None:
         self.trackers.pop(partition, None)
+        self._next_table.pop(partition, None)
 
     def partition_clock(self, partition: int) -> int | None:
         return self.trackers[partition].clock
@@ -279,12 +288,17 @@ class GeofenceService(StatefulService):
         return self.dirty_state(partition)
 
     def dirty_state(self, partition: int) -> dict[str, Any]:
+        """The changed units as one table under a key of its own (the save's number), so a
+        save adds a table and the newest table holding a unit is its state."""
         tracker = self.trackers.get(partition)
         if tracker is None:
             return {}
-        rows: dict[str, Any] = tracker.export_units(tracker.dirty)
-        tracker.dirty.clear()
-        rows[META] = tracker.export_meta()
+        rows: dict[str, Any] = {META: tracker.export_meta()}
+        if tracker.dirty:
+            n = self._next_table[partition]
+            self._next_table[partition] = n + 1
+            rows[f"{TABLE}{n}"] = tracker.export_table(tracker.dirty)
+            tracker.dirty.clear()
         OPEN_VISITS.labels(self.name).set(sum(t.open_visits for t in self.trackers.values()))
         return rows
 

@@ -9,7 +9,7 @@ the ids, turns event rows into `VisitEvent`s, and saves and restores units.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from itertools import repeat
@@ -173,6 +173,44 @@ def _floats(column: np.ndarray[Any, np.dtype[np.float64]]) -> list[float | None]
     out: list[float | None] = column.tolist()
     for i in np.flatnonzero(np.isnan(column)).tolist():
         out[i] = None
+    return out
+
+
+# An open visit's saved integer fields and their column in the visit table.
+_VISIT_COLUMNS = {
+    "started": STARTED,
+    "last_in": LAST_IN,
+    "last_seen": LAST_SEEN,
+    "state": STATE,
+    "out_since": OUT_SINCE,
+    "target_reported": TARGET_REPORTED,
+    "overstay_reported": OVERSTAY_REPORTED,
+}
+
+
+def units_of_table(table: Mapping[str, Any]) -> dict[str, list[Any]]:
+    """A table from `VisitTracker.export_table` (as saved, or read back from JSON) as each
+    unit's flat list: last_usable, seen_ts, lon, lat, accuracy_m, then per open visit its
+    zone, started, last_in, last_seen, state, out_since, target and overstay reported, and
+    its zone's shape id."""
+
+    def ints(name: str) -> np.ndarray[Any, np.dtype[np.int64]]:
+        return np.asarray(table[name], dtype=np.int64)
+
+    def floats(name: str) -> np.ndarray[Any, np.dtype[np.float64]]:
+        return np.asarray(table[name], dtype=np.float64)  # null -> NaN
+
+    ids = list(table["units"])
+    heads = zip(_times(ints("last_usable")), _times(ints("seen_ts")), floats("lon").tolist(),
+                floats("lat").tolist(), _floats(floats("accuracy_m")), strict=True)  # fmt: skip
+    out = {unit_id: list(head) for unit_id, head in zip(ids, heads, strict=True)}
+    visits = zip(table["zone_id"], ints("started").tolist(), ints("last_in").tolist(),
+                 ints("last_seen").tolist(), ints("state").tolist(), _times(ints("out_since")),
+                 ints("target_reported").astype(bool).tolist(),
+                 ints("overstay_reported").astype(bool).tolist(), table["shape_id"],
+                 strict=True)  # fmt: skip
+    for owner, visit in zip(ints("visit_unit").tolist(), visits, strict=True):
+        out[ids[owner]].append(list(visit))
     return out
 
 
@@ -473,28 +511,34 @@ class VisitTracker:
         return self.export_units((unit_id,))[unit_id]
 
     def export_units(self, unit_ids: Iterable[str]) -> dict[str, list[Any]]:
-        """Each unit as a flat list. Saved for every unit a commit interval touched, so about
-        once per ping: each saved column is read out of the tables whole, then zipped."""
+        """Each unit as a flat list (the form `restore_unit` takes)."""
+        return units_of_table(self.export_table(unit_ids))
+
+    def export_table(self, unit_ids: Iterable[str]) -> dict[str, Any]:
+        """The units' saved form as one table, a column per field (`units_of_table` reads it
+        back as each unit's flat list). Saved for every unit a commit interval touched, so
+        about once a ping: the columns are numpy arrays, which orjson writes as JSON arrays
+        (OPT_SERIALIZE_NUMPY) without a Python object per value. Times hold NO_TIME for none,
+        accuracies NaN (null in JSON)."""
         ids = list(unit_ids)
         of = np.fromiter(map(self._unit_row.__getitem__, ids), np.int64, len(ids))
-        units, fixes = self._units.take(of, axis=0), self._fixes.take(of, axis=0)
-        heads = zip(_times(units[:, tb.U_LAST]), _times(units[:, tb.U_SEEN]),
-                    fixes[:, tb.F_LON].tolist(), fixes[:, tb.F_LAT].tolist(),
-                    _floats(fixes[:, tb.F_ACC]), strict=True)  # fmt: skip
-        out = {unit_id: list(head) for unit_id, head in zip(ids, heads, strict=True)}
         owner, rows = tb.visit_rows(self._units, self._visits, of)
-        if len(rows) == 0:
-            return out
-        v = self._visits.take(rows, axis=0)
-        zone_ids = list(map(self._zone_ids.__getitem__, v[:, tb.V_ZONE].tolist()))
-        visits = zip(zone_ids, v[:, STARTED].tolist(), v[:, LAST_IN].tolist(),
-                     v[:, LAST_SEEN].tolist(), v[:, STATE].tolist(), _times(v[:, OUT_SINCE]),
-                     v[:, TARGET_REPORTED].astype(bool).tolist(),
-                     v[:, OVERSTAY_REPORTED].astype(bool).tolist(),
-                     map(self.index.shape_ids.get, zone_ids), strict=True)  # fmt: skip
-        for o, visit in zip(owner.tolist(), visits, strict=True):
-            out[ids[o]].append(list(visit))
-        return out
+        units, fixes, visits = self._units[of], self._fixes[of], self._visits[rows]
+        zone_ids = list(map(self._zone_ids.__getitem__, visits[:, tb.V_ZONE].tolist()))
+        column = np.ascontiguousarray
+        return {
+            "units": ids,
+            "last_usable": column(units[:, tb.U_LAST]),
+            "seen_ts": column(units[:, tb.U_SEEN]),
+            "lon": column(fixes[:, tb.F_LON]),
+            "lat": column(fixes[:, tb.F_LAT]),
+            "accuracy_m": column(fixes[:, tb.F_ACC]),
+            # Open visits: the unit's position in `units`, then the visit's fields.
+            "visit_unit": owner,
+            **{name: column(visits[:, at]) for name, at in _VISIT_COLUMNS.items()},
+            "zone_id": zone_ids,
+            "shape_id": list(map(self.index.shape_ids.get, zone_ids)),
+        }
 
     def restore_unit(self, unit_id: str, data: list[Any] | dict[str, Any]) -> None:
         if isinstance(data, dict):  # saved before the flat form
