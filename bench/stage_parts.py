@@ -54,7 +54,7 @@ def measure(zones: int, units: int, steps: int, batch: int) -> dict[str, Any]:
     spent = dict.fromkeys(PARTS, 0.0)
     service.reader.read_values = timed(spent, "read", service.reader.read_values)  # type: ignore[method-assign]
     tracker = service.trackers[0]
-    tracker.apply_columns = timed(spent, "core", tracker.apply_columns)  # type: ignore[method-assign]
+    tracker.process_rows = timed(spent, "core", tracker.process_rows)  # type: ignore[method-assign]
     module = vars(geofence)  # the name `process` calls, rebound for the run
     built = module["visit_records"]
     module["visit_records"] = timed(spent, "events", built)

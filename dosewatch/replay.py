@@ -19,11 +19,17 @@ from services.dosage.core.board import ZoneBoard
 from services.dosage.core.events import (
     period_row,
     status_cloudevent,
-    visit_cloudevent,
+    visit_lines,
 )
 from services.dosage.core.params import DosageParams
 from services.dosage.core.periods import zone_periods
-from services.dosage.core.tracker import Fix, VisitEvent, VisitEventKind, VisitTracker
+from services.dosage.core.tracker import (
+    EventRows,
+    Fix,
+    VisitEvent,
+    VisitEventKind,
+    VisitTracker,
+)
 from services.geofence.core.index import ZoneIndex
 from services.geofence.core.zone import ZoneSpec
 
@@ -192,14 +198,13 @@ def run_replay(
         dumps, newline = orjson.dumps, orjson.OPT_APPEND_NEWLINE
         visit_ended = VisitEventKind.ENDED
 
-        def emit(events: list[VisitEvent]) -> None:
+        def emit(batch: EventRows) -> None:
             lines: list[bytes] = []
-            for e in events:
-                doc = visit_cloudevent(e, uri)
-                lines.append(dumps(doc, option=newline))
+            # Each event's line, and an ended visit's visits.jsonl row (the data it carries).
+            for e, (line, row) in zip(batch.events(), visit_lines(batch, uri), strict=True):
+                lines.append(line)
                 if e.kind is visit_ended:
-                    # visits.jsonl has the row the event carries as its data: encode it now.
-                    row = dumps(doc["data"], option=newline)
+                    assert row is not None
                     ended.append((e.started_at, e.unit_id, e.zone_id, len(ended), e, row))
                 # The board follows the stream clock, as the live dosage service follows its
                 # partition clock, so time-driven changes come out when they happen: apply moves
@@ -219,7 +224,7 @@ def run_replay(
             """Batches of batch_size pings, as they filled up in order; the rest at the end."""
             while len(units) >= size or (everything and units):
                 emit(
-                    tracker.process_columns(
+                    tracker.process_rows(
                         units[:size], times[:size], lons[:size], lats[:size], accuracies[:size]
                     )
                 )
@@ -261,7 +266,7 @@ def run_replay(
             raise ReplayError(f"cannot read {pings_path}: {exc.strerror or exc}") from None
         summary.lines = lineno
         flush(everything=True)
-        emit(tracker.finish())
+        emit(tracker.finish_rows())
 
     ended.sort()
     qualified: dict[str, list[tuple[int, int]]] = {}

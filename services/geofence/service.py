@@ -240,7 +240,7 @@ class GeofenceService(StatefulService):
         PINGS_IN.labels(self.name, "kafka").inc(n)
         if not n:
             return backlog, None
-        events = tracker.apply_columns(read.unit_id, read.ts, read.lon, read.lat,
+        events = tracker.process_rows(read.unit_id, read.ts, read.lon, read.lat,
                                        read.accuracy_m)  # fmt: skip
         newest = max(read.ts)
         LATENCY.labels(self.name).observe(max(0.0, time.time() - newest / 1000))

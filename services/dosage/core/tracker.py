@@ -298,9 +298,9 @@ class VisitTracker:
     ) -> list[VisitEvent]:
         """`process` for a batch held as columns, one entry per valid ping (as a bulk reader
         holds them), without a `Fix` per ping."""
-        return self.apply_columns(unit_ids, ts, lon, lat, accuracy_m).events()
+        return self.process_rows(unit_ids, ts, lon, lat, accuracy_m).events()
 
-    def apply_columns(
+    def process_rows(
         self,
         unit_ids: Sequence[str],
         ts: Sequence[int],
@@ -365,6 +365,10 @@ class VisitTracker:
 
     def finish(self) -> list[VisitEvent]:
         """End of input: close what is still open."""
+        return self.finish_rows().events()
+
+    def finish_rows(self) -> EventRows:
+        """`finish`, its events left as rows."""
         self._sync()
         clock = self.clock if self.clock is not None else 0
         order = np.array([self._unit_row[u] for u in sorted(self._unit_ids)], dtype=np.int64)
@@ -375,7 +379,7 @@ class VisitTracker:
         self._meta[tb.M_HEAP] = 0
         self._units[:, tb.U_WATCHED] = 0
         self._to_watch.clear()
-        return self._visit_events(count)
+        return self._event_rows(count)
 
     def replace_index(self, index: ZoneIndex) -> list[VisitEvent]:
         """Swap in a rebuilt index; visits in zones whose shape changed or that are gone close."""
