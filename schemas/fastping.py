@@ -15,7 +15,7 @@ from typing import Annotated
 import msgspec
 
 from schemas.ping import UNIT_ID_PATTERN
-from schemas.timefmt import SUFFIX_MS, parse_ts
+from schemas.timefmt import SUFFIX_MS, canonical_times, parse_ts
 
 _Lat = Annotated[float, msgspec.Meta(ge=-90.0, le=90.0)]
 _Lon = Annotated[float, msgspec.Meta(ge=-180.0, le=180.0)]
@@ -148,13 +148,23 @@ class FastPings:
             for unit_id in set(units) - self._units:
                 if not self._new_unit(unit_id):
                     return self._line_by_line(lines)
+        # The canonical form (as every service writes it), in one compiled pass; else one by one.
+        ts = canonical_times([p.ts for p in pings]) or self._times(pings)
+        if ts is None:
+            return self._line_by_line(lines)
+        lon = [p.lon for p in pings]
+        lat = [p.lat for p in pings]
+        if 0.0 in lat and any(y == 0.0 and x == 0.0 for x, y in zip(lon, lat, strict=True)):
+            return self._line_by_line(lines)  # null island: the model refuses it
+        return PingColumns(units, ts, lon, lat, [p.accuracy_m for p in pings], [])
+
+    def _times(self, pings: list[_WirePing]) -> list[int] | None:
+        """Each ping's time by `_ts`; None if one is not a time."""
         seconds = self._seconds
         ts: list[int] = []
-        unread: list[int] = []
-        for k, p in enumerate(pings):
+        for p in pings:
             value = p.ts
-            # The canonical form (as every service writes it), its second seen before: the
-            # common case, in a few dict lookups. Anything else: `_ts`.
+            # The canonical form, its second seen before: a few dict lookups.
             if type(value) is str and len(value) == 24:
                 millis = SUFFIX_MS.get(value[19:])
                 if millis is not None:
@@ -164,16 +174,9 @@ class FastPings:
                         continue
             t = self._ts(value)
             if t is None:
-                unread.append(k)
-            else:
-                ts.append(t)
-        if unread:
-            return self._line_by_line(lines)
-        lon = [p.lon for p in pings]
-        lat = [p.lat for p in pings]
-        if 0.0 in lat and any(y == 0.0 and x == 0.0 for x, y in zip(lon, lat, strict=True)):
-            return self._line_by_line(lines)  # null island: the model refuses it
-        return PingColumns(units, ts, lon, lat, [p.accuracy_m for p in pings], unread)
+                return None
+            ts.append(t)
+        return ts
 
     def _line_by_line(self, lines: list[bytes]) -> PingColumns:
         out = PingColumns([], [], [], [], [], [])

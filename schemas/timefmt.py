@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from functools import lru_cache
+
+import numpy as np
+
+from services.dosage.core.compiled import compiled
 
 # RFC 3339 demands a date, a "T" (or space is *not* allowed here), a time and an explicit offset.
 # ASCII digits only: \d alone would take any script's digits, which RFC 3339 does not allow.
@@ -94,3 +99,83 @@ def ms_to_datetime(ms: int) -> datetime:
 def datetime_to_ms(dt: datetime) -> int:
     """Aware datetime (as PostgreSQL returns timestamptz) -> epoch milliseconds."""
     return (dt - _EPOCH) // _MS
+
+
+def canonical_times(values: Sequence[object]) -> list[int] | None:
+    """`parse_ts` for a column of times all in the canonical form ("2026-05-14T18:00:05.123Z",
+    as every service writes them), in one compiled pass over their bytes; None if any is not
+    in that form (the caller then reads them one by one, and errors read as they always do).
+
+    A fetch's times, read one by one, cost 0.4-0.8 us each in slices and dict lookups."""
+    n = len(values)
+    try:
+        # "|" is in no time: where every "|" falls every 25th byte, each value is 24 long.
+        raw = "|".join(values).encode("ascii")  # type: ignore[arg-type]  # TypeError: not str
+    except (TypeError, UnicodeEncodeError):
+        return None
+    if n == 0 or len(raw) != 25 * n - 1:
+        return None
+    out = np.empty(n, dtype=np.int64)
+    if not _canonical_ms(np.frombuffer(raw, dtype=np.uint8), out):
+        return None
+    return out.tolist()
+
+
+@compiled
+def _number(raw: np.ndarray, at: int, digits: int) -> int:
+    """The decimal number in raw[at : at + digits]; -1 if any byte is not an ASCII digit."""
+    value = 0
+    for k in range(at, at + digits):
+        digit = raw[k] - 48
+        if digit < 0 or digit > 9:
+            return -1
+        value = value * 10 + digit
+    return value
+
+
+@compiled
+def _canonical_ms(raw: np.ndarray, out: np.ndarray) -> bool:
+    """Epoch ms of each time in `raw` (24 bytes each, a "|" after each but the last) into
+    `out`; False at the first that is not a valid "YYYY-MM-DDTHH:MM:SS.mmmZ" (years 1 to 9999,
+    real dates, seconds below 60) or not followed by its "|"."""
+    for i in range(len(out)):
+        at = i * 25
+        if (
+            (i + 1 < len(out) and raw[at + 24] != 124)  # |
+            or raw[at + 4] != 45  # -
+            or raw[at + 7] != 45  # -
+            or raw[at + 10] != 84  # T
+            or raw[at + 13] != 58  # :
+            or raw[at + 16] != 58  # :
+            or raw[at + 19] != 46  # .
+            or raw[at + 23] != 90  # Z
+        ):
+            return False
+        year, month, day = _number(raw, at, 4), _number(raw, at + 5, 2), _number(raw, at + 8, 2)
+        hour, minute = _number(raw, at + 11, 2), _number(raw, at + 14, 2)
+        second, millis = _number(raw, at + 17, 2), _number(raw, at + 20, 3)
+        if (
+            year < 1
+            or not 1 <= month <= 12
+            or day < 1
+            or not 0 <= hour <= 23
+            or not 0 <= minute <= 59
+            or not 0 <= second <= 59
+            or millis < 0
+        ):
+            return False
+        if month == 2:
+            leap = year % 4 == 0 and (year % 100 != 0 or year % 400 == 0)
+            last = 29 if leap else 28
+        else:
+            last = 30 if month in (4, 6, 9, 11) else 31
+        if day > last:
+            return False
+        # Days since 1970-01-01 of a proleptic Gregorian date (H. Hinnant's days_from_civil).
+        y = year - 1 if month <= 2 else year
+        era = y // 400
+        yoe = y - era * 400
+        doy = (153 * ((month + 9) % 12) + 2) // 5 + day - 1
+        days = era * 146_097 + yoe * 365 + yoe // 4 - yoe // 100 + doy - 719_468
+        out[i] = ((days * 24 + hour) * 60 + minute) * 60_000 + second * 1000 + millis
+    return True

@@ -2,13 +2,15 @@
 
 Compiling takes seconds from a cold cache; a service that compiled on its first fetch would
 stall that fetch (and every ping behind it) instead. `warm_up` runs each compiled function
-once on a made-up zone and unit; from numba's cache it costs a fraction of a second.
+once on a made-up zone and unit (and the reader of a fetch's times, `canonical_times`); from
+numba's cache it costs a fraction of a second.
 """
 
 from __future__ import annotations
 
 from shapely.geometry import box
 
+from schemas.timefmt import canonical_times
 from services.dosage.core.params import DosageParams
 from services.dosage.core.tracker import Fix, VisitTracker
 from services.geofence.core.index import ZoneIndex
@@ -30,3 +32,4 @@ def warm_up() -> None:
     tracker.restore_unit("v", tracker.export_unit("v"))
     tracker.replace_index(ZoneIndex([], params))
     tracker.finish()
+    canonical_times(["2026-05-14T18:00:05.123Z", "2026-05-14T18:00:06.123Z"])
