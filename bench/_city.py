@@ -74,13 +74,16 @@ def columns(
     return unit_ids, ts.tolist(), lon.tolist(), lat.tolist(), [None] * len(unit_ids)
 
 
-def feed(tracker: VisitTracker, cols: Columns, batch: int) -> int:
-    """Run the pings through the tracker `batch` at a time, in order; the events made."""
+def feed(tracker: VisitTracker, cols: Columns, batch: int, as_rows: bool = False) -> int:
+    """Run the pings through the tracker `batch` at a time, in order; the events made, as
+    `VisitEvent`s (as a replay takes them) or left as rows (`as_rows`: as the geofence
+    service takes them)."""
     unit_ids, ts, lon, lat, acc = cols
+    run = tracker.process_rows if as_rows else tracker.process_columns
     events = 0
     for i in range(0, len(unit_ids), batch):
         j = i + batch
-        events += len(tracker.process_columns(unit_ids[i:j], ts[i:j], lon[i:j], lat[i:j], acc[i:j]))
+        events += len(run(unit_ids[i:j], ts[i:j], lon[i:j], lat[i:j], acc[i:j]))
     return events
 
 
