@@ -370,6 +370,9 @@ class _Grid:
         # every point; the comparisons then decide as for any other box.
         self.loose: IntArray = np.setdiff1d(np.arange(self.count), finite).astype(np.intp)
         self.levels: list[_Level] = []
+        self._flat: (
+            tuple[FloatArray, IntArray, tuple[IntArray, IntArray], tuple[IntArray, IntArray]] | None
+        ) = None
         self.ox = self.oy = self.ex = self.ey = 0.0
         if len(finite) == 0:
             return
@@ -418,44 +421,80 @@ class _Grid:
 
     def query(self, x: FloatArray, y: FloatArray) -> tuple[IntArray, IntArray]:
         """(point, box) pairs with the point in the box, sorted by point, then box."""
-        parts_p: list[IntArray] = []
-        parts_b: list[IntArray] = []
-        if self.levels:
-            idx = np.flatnonzero((x >= self.ox) & (x <= self.ex) & (y >= self.oy) & (y <= self.ey))
-            xs, ys = x.take(idx), y.take(idx)
-            for level in self.levels:
-                cell = self._cells(xs, self.ox, level.cell) * level.rows
-                cell += self._cells(ys, self.oy, level.cell)
-                start = level.starts.take(cell)
-                count = level.starts.take(cell + 1) - start
-                total = int(count.sum())
-                if total == 0:
-                    continue
-                # Point i's boxes: boxes[start_i : start_i + count_i], laid end to end.
-                ends = np.cumsum(count)
-                offset = np.repeat(start - (ends - count), count)
-                parts_p.append(np.repeat(idx, count))
-                parts_b.append(level.boxes.take(offset + np.arange(total)))
-        if len(self.loose):
-            p, b = np.divmod(np.arange(len(x) * len(self.loose)), len(self.loose))
-            parts_p.append(p.astype(np.intp))
-            parts_b.append(self.loose[b])
-        if not parts_p:
-            empty = np.empty(0, dtype=np.intp)
-            return empty, empty
-        pt, bx = np.concatenate(parts_p), np.concatenate(parts_b)
-        xp, yp = x.take(pt), y.take(pt)
-        keep = (
-            (xp >= self.x0.take(bx))
-            & (xp <= self.x1.take(bx))
-            & (yp >= self.y0.take(bx))
-            & (yp <= self.y1.take(bx))
-        )
-        pt, bx = pt[keep], bx[keep]
-        if len(parts_p) > 1:
-            order = np.argsort(pt * self.count + bx, kind="stable")
-            pt, bx = pt.take(order), bx.take(order)
-        return pt, bx
+        if self._flat is None:  # the levels laid end to end, as the compiled query reads them
+            self._flat = (
+                np.array([level.cell for level in self.levels], dtype=np.float64),
+                np.array([level.rows for level in self.levels], dtype=np.intp),
+                _laid_end_to_end([level.starts for level in self.levels]),
+                _laid_end_to_end([level.boxes for level in self.levels]),
+            )
+        cell, rows, (starts, starts_at), (boxes, boxes_at) = self._flat
+        return _query(
+            np.ascontiguousarray(x, dtype=np.float64), np.ascontiguousarray(y, dtype=np.float64),
+            self.ox, self.oy, self.ex, self.ey, cell, rows, starts, starts_at, boxes, boxes_at,
+            self.loose, self.x0, self.y0, self.x1, self.y1,
+        )  # fmt: skip
+
+
+def _laid_end_to_end(parts: list[IntArray]) -> tuple[IntArray, IntArray]:
+    """The arrays concatenated, and where each starts."""
+    at = np.zeros(len(parts) + 1, dtype=np.intp)
+    at[1:] = np.cumsum([len(p) for p in parts])
+    whole = np.concatenate(parts).astype(np.intp) if parts else np.empty(0, dtype=np.intp)
+    return whole, at
+
+
+@compiled
+def _query(
+    x: FloatArray, y: FloatArray, ox: float, oy: float, ex: float, ey: float,
+    cell: FloatArray, rows: IntArray, starts: IntArray, starts_at: IntArray,
+    boxes: IntArray, boxes_at: IntArray, loose: IntArray,
+    x0: FloatArray, y0: FloatArray, x1: FloatArray, y1: FloatArray,
+) -> tuple[IntArray, IntArray]:  # fmt: skip
+    """`_Grid.query`, point by point: a batch of a few points (a live fetch) costs a few
+    microseconds, where a dozen numpy calls per grid level cost a hundred or more."""
+    out_p = np.empty(max(16, len(x)), dtype=np.intp)
+    out_b = np.empty(max(16, len(x)), dtype=np.intp)
+    found = np.empty(16, dtype=np.intp)
+    m = 0
+    for i in range(len(x)):
+        px, py = x[i], y[i]
+        k = 0
+        # Each finite box is in one level, and in the one cell of it the point falls in;
+        # boxes no grid holds are tried for every point.
+        gridded = ox <= px <= ex and oy <= py <= ey
+        for level in range(len(cell) if gridded else 0):
+            size = cell[level]
+            c = int((px - ox) / size) * rows[level] + int((py - oy) / size)
+            first = starts[starts_at[level] + c]
+            last = starts[starts_at[level] + c + 1]
+            for j in range(first, last):
+                b = boxes[boxes_at[level] + j]
+                if x0[b] <= px <= x1[b] and y0[b] <= py <= y1[b]:
+                    if k == len(found):
+                        found = np.concatenate((found, np.empty(k, dtype=np.intp)))
+                    found[k] = b
+                    k += 1
+        for b in loose:
+            if x0[b] <= px <= x1[b] and y0[b] <= py <= y1[b]:
+                if k == len(found):
+                    found = np.concatenate((found, np.empty(k, dtype=np.intp)))
+                found[k] = b
+                k += 1
+        if m + k > len(out_p):
+            grow = max(len(out_p), k)
+            out_p = np.concatenate((out_p, np.empty(grow, dtype=np.intp)))
+            out_b = np.concatenate((out_b, np.empty(grow, dtype=np.intp)))
+        # In box order: an insertion sort, as a point is in a handful of boxes at most.
+        for a in range(k):
+            b, j = found[a], m + a
+            while j > m and out_b[j - 1] > b:
+                out_b[j] = out_b[j - 1]
+                j -= 1
+            out_b[j] = b
+            out_p[m + a] = i
+        m += k
+    return out_p[:m], out_b[:m]
 
 
 @dataclass(frozen=True, slots=True)
