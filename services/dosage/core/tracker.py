@@ -65,9 +65,9 @@ class VisitEventKind(StrEnum):
 
 # Event rows' codes (tables.K_*, tables.R_*) as the values they stand for.
 EVENT_KINDS = (VisitEventKind.STARTED, VisitEventKind.TARGET_MET, VisitEventKind.OVERSTAY,
-          VisitEventKind.ENDED)  # fmt: skip
+               VisitEventKind.ENDED)  # fmt: skip
 END_REASONS = (EndReason.EXITED, EndReason.SIGNAL_LOST, EndReason.END_OF_INPUT,
-            EndReason.ZONE_CHANGED, None)  # fmt: skip
+               EndReason.ZONE_CHANGED, None)  # fmt: skip
 
 
 # Not frozen: nothing changes an event once made, and a frozen dataclass's __init__ costs

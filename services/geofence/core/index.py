@@ -370,12 +370,17 @@ class _Grid:
         # every point; the comparisons then decide as for any other box.
         self.loose: IntArray = np.setdiff1d(np.arange(self.count), finite).astype(np.intp)
         self.levels: list[_Level] = []
-        self._flat: (
-            tuple[FloatArray, IntArray, tuple[IntArray, IntArray], tuple[IntArray, IntArray]] | None
-        ) = None
         self.ox = self.oy = self.ex = self.ey = 0.0
-        if len(finite) == 0:
-            return
+        if len(finite):
+            self._stack(finite)
+        # The levels laid end to end, as the compiled query (`_query`) reads them.
+        self.cells = np.array([level.cell for level in self.levels], dtype=np.float64)
+        self.rows = np.array([level.rows for level in self.levels], dtype=np.intp)
+        self.starts, self.starts_at = _laid_end_to_end([level.starts for level in self.levels])
+        self.boxes, self.boxes_at = _laid_end_to_end([level.boxes for level in self.levels])
+
+    def _stack(self, finite: IntArray) -> None:
+        """The levels holding the finite boxes, finest first."""
         self.ox, self.oy = float(self.x0[finite].min()), float(self.y0[finite].min())
         self.ex, self.ey = float(self.x1[finite].max()), float(self.y1[finite].max())
         size = np.maximum(self.x1 - self.x0, self.y1 - self.y0)[finite]
@@ -421,18 +426,11 @@ class _Grid:
 
     def query(self, x: FloatArray, y: FloatArray) -> tuple[IntArray, IntArray]:
         """(point, box) pairs with the point in the box, sorted by point, then box."""
-        if self._flat is None:  # the levels laid end to end, as the compiled query reads them
-            self._flat = (
-                np.array([level.cell for level in self.levels], dtype=np.float64),
-                np.array([level.rows for level in self.levels], dtype=np.intp),
-                _laid_end_to_end([level.starts for level in self.levels]),
-                _laid_end_to_end([level.boxes for level in self.levels]),
-            )
-        cell, rows, (starts, starts_at), (boxes, boxes_at) = self._flat
         return _query(
             np.ascontiguousarray(x, dtype=np.float64), np.ascontiguousarray(y, dtype=np.float64),
-            self.ox, self.oy, self.ex, self.ey, cell, rows, starts, starts_at, boxes, boxes_at,
-            self.loose, self.x0, self.y0, self.x1, self.y1,
+            self.ox, self.oy, self.ex, self.ey, self.cells, self.rows, self.starts,
+            self.starts_at, self.boxes, self.boxes_at, self.loose, self.x0, self.y0, self.x1,
+            self.y1,
         )  # fmt: skip
 
 
@@ -442,6 +440,15 @@ def _laid_end_to_end(parts: list[IntArray]) -> tuple[IntArray, IntArray]:
     at[1:] = np.cumsum([len(p) for p in parts])
     whole = np.concatenate(parts).astype(np.intp) if parts else np.empty(0, dtype=np.intp)
     return whole, at
+
+
+@compiled
+def _pushed(found: IntArray, k: int, b: int) -> tuple[IntArray, int]:
+    """`found[:k]` with `b` after it, the array doubled first if full."""
+    if k == len(found):
+        found = np.concatenate((found, np.empty(k, dtype=np.intp)))
+    found[k] = b
+    return found, k + 1
 
 
 @compiled
@@ -471,16 +478,10 @@ def _query(
             for j in range(first, last):
                 b = boxes[boxes_at[level] + j]
                 if x0[b] <= px <= x1[b] and y0[b] <= py <= y1[b]:
-                    if k == len(found):
-                        found = np.concatenate((found, np.empty(k, dtype=np.intp)))
-                    found[k] = b
-                    k += 1
+                    found, k = _pushed(found, k, b)
         for b in loose:
             if x0[b] <= px <= x1[b] and y0[b] <= py <= y1[b]:
-                if k == len(found):
-                    found = np.concatenate((found, np.empty(k, dtype=np.intp)))
-                found[k] = b
-                k += 1
+                found, k = _pushed(found, k, b)
         if m + k > len(out_p):
             grow = max(len(out_p), k)
             out_p = np.concatenate((out_p, np.empty(grow, dtype=np.intp)))
