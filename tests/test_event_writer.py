@@ -7,15 +7,18 @@ import hashlib
 
 import numpy as np
 import orjson
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from services.dosage.core import events
+from schemas.timefmt import format_ts
+from services.dosage.core import events, eventtext
 from services.dosage.core.events import visit_cloudevent, visit_lines, visit_records
 from services.dosage.core.params import ZoneRules
 from services.dosage.core.tracker import END_REASONS, EVENT_KINDS, EventRows
 
 T0 = 1_779_000_000_000  # 2026-05-17
+MIN_MS, MAX_MS = -62_135_596_800_000, 253_402_300_799_999  # years 1 and 9999
 # Ids as drawn: what a JSON string must escape, and more than ASCII.
 IDS = st.text(st.characters(codec="utf-8"), min_size=1, max_size=8)
 RULES = st.builds(
@@ -76,19 +79,60 @@ def test_lines_are_the_replay_lines(batch: EventRows) -> None:
     assert visit_lines(batch, "urn:test") == expected
 
 
+def _seconds_text(ms: int) -> bytes:
+    out = np.empty(32, dtype=np.uint8)
+    return out[: eventtext._seconds(ms, out, 0)].tobytes()
+
+
 def test_durations_are_orjson_floats_to_a_millisecond() -> None:
-    whole_range = np.arange(0, 3_000_000)
+    whole_range = np.arange(-3_000, 3_000_000)
     rng = np.random.default_rng(7)
-    sample = np.concatenate([whole_range, rng.integers(0, 10**15, 300_000)]).tolist()
+    sample = np.concatenate([whole_range, rng.integers(-(10**15), 10**15, 300_000)]).tolist()
     for ms in sample:
-        whole, part = divmod(ms, 1000)
-        assert f"{whole}{events._FRACTIONS[part]}".encode() == orjson.dumps(ms / 1000.0), ms
+        assert _seconds_text(ms) == orjson.dumps(ms / 1000.0), ms
 
 
 @given(st.text())
 def test_ids_hash_as_hashlib_sha256(text: str) -> None:
     expected = hashlib.sha256(text.encode()).hexdigest()[:32]
     assert events._digest(text) == expected
+
+
+def test_the_compiled_hash_is_sha256_across_block_edges() -> None:
+    # Lengths around SHA-256's 55/56/64-byte padding edges and several blocks.
+    rng = np.random.default_rng(11)
+    w = np.empty(64, dtype=np.uint32)
+    for length in [*range(0, 200), 447, 448, 511, 512, 1000]:
+        message = np.zeros(length + 72, dtype=np.uint8)
+        message[:length] = rng.integers(0, 256, length)
+        out = np.empty(32, dtype=np.uint8)
+        assert eventtext.sha256_hex(message, length, w, out, 0) == 32
+        expected = hashlib.sha256(message[:length].tobytes()).hexdigest()[:32]
+        assert out.tobytes().decode() == expected, length
+
+
+@settings(deadline=None)  # the first example compiles _time
+@given(st.integers(MIN_MS, MAX_MS))
+def test_times_are_format_ts(ms: int) -> None:
+    out = np.empty(24, dtype=np.uint8)
+    assert eventtext._time(ms, out, 0) == 24
+    assert out.tobytes().decode() == format_ts(ms)
+
+
+def test_times_at_the_edges_of_the_calendar() -> None:
+    out = np.empty(24, dtype=np.uint8)
+    for ms in (MIN_MS, MAX_MS, 0, -1, 951_782_400_000, 4_107_456_000_000, -2_203_891_200_000):
+        assert eventtext._time(ms, out, 0) == 24
+        assert out.tobytes().decode() == format_ts(ms), ms
+    assert eventtext._time(MIN_MS - 1, out, 0) == -1
+    assert eventtext._time(MAX_MS + 1, out, 0) == -1
+
+
+def test_an_event_time_past_the_calendar_is_refused() -> None:
+    rows = np.array([[0, MAX_MS + 1, 0, 0, T0, T0, 0, T0]], dtype=np.int64)
+    batch = EventRows(rows, ["u"], ["z"], [ZoneRules(1, 2, 3)])
+    with pytest.raises(ValueError, match="years 1-9999"):
+        visit_records(batch, "urn:test")
 
 
 def test_an_empty_batch_writes_nothing() -> None:

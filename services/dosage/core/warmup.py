@@ -2,8 +2,8 @@
 
 Compiling takes seconds from a cold cache; a service that compiled on its first fetch would
 stall that fetch (and every ping behind it) instead. `warm_up` runs each compiled function
-once on a made-up zone and unit (and the reader of a fetch's times, `canonical_times`); from
-numba's cache it costs a fraction of a second.
+once on a made-up zone and unit (with the writer of their events, and the reader of a
+fetch's times, `canonical_times`); from numba's cache it costs a fraction of a second.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from __future__ import annotations
 from shapely.geometry import box
 
 from schemas.timefmt import canonical_times
+from services.dosage.core.events import visit_lines, visit_records
 from services.dosage.core.params import DosageParams
 from services.dosage.core.tracker import Fix, VisitTracker
 from services.geofence.core.index import ZoneIndex
@@ -26,7 +27,9 @@ def warm_up() -> None:
     inside, outside = (0.0005, 0.0005), (0.01, 0.01)
     # A visit that meets its target, overstays and is exited; then one the watchdog ends.
     for i, (lon, lat) in enumerate([inside] * 22 + [outside] * 3 + [inside]):
-        tracker.process([Fix("u", _T0 + i * 60_000, lon, lat)])
+        rows = tracker.process_rows(["u"], [_T0 + i * 60_000], [lon], [lat], [None])
+        visit_records(rows, "urn:warm-up")
+        visit_lines(rows, "urn:warm-up")
     tracker.advance(_T0 + 3_600_000)
     tracker.process([Fix("v", _T0 + 3_600_000, *inside)])
     tracker.restore_unit("v", tracker.export_unit("v"))
