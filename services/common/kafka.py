@@ -13,6 +13,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListen
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.partitioner import murmur2
 
+from services.common import fetched
 from services.common.settings import CommonSettings
 
 log = logging.getLogger(__name__)
@@ -51,6 +52,8 @@ def producer(settings: CommonSettings) -> AIOKafkaProducer:
 
 
 def consumer(settings: CommonSettings, group_id: str, *topics: str) -> AIOKafkaConsumer:
+    """A consumer in a group; it hands out records as fetched (`fetched.FetchedRecord`)."""
+    fetched.install()
     return AIOKafkaConsumer(
         *topics,
         bootstrap_servers=settings.kafka_bootstrap,
@@ -62,6 +65,7 @@ def consumer(settings: CommonSettings, group_id: str, *topics: str) -> AIOKafkaC
         # 0 would never return data on some brokers; a few ms is the latency floor anyway.
         fetch_max_wait_ms=max(1, settings.fetch_max_wait_ms),
         max_poll_records=settings.max_poll_records,
+        value_deserializer=fetched.RAW_VALUES,
         session_timeout_ms=settings.session_timeout_ms,
         heartbeat_interval_ms=settings.heartbeat_interval_ms,
         **_security(settings),
@@ -69,13 +73,16 @@ def consumer(settings: CommonSettings, group_id: str, *topics: str) -> AIOKafkaC
 
 
 def reader(settings: CommonSettings) -> AIOKafkaConsumer:
-    """A consumer outside any group, for readers that take every partition (`assign`)."""
+    """A consumer outside any group, for readers that take every partition (`assign`); it
+    hands out records as fetched (`fetched.FetchedRecord`)."""
+    fetched.install()
     return AIOKafkaConsumer(
         bootstrap_servers=settings.kafka_bootstrap,
         group_id=None,
         enable_auto_commit=False,
         fetch_max_wait_ms=max(1, settings.fetch_max_wait_ms),
         max_poll_records=settings.max_poll_records,
+        value_deserializer=fetched.RAW_VALUES,
         **_security(settings),
     )
 

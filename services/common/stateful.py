@@ -22,9 +22,10 @@ from functools import partial
 from typing import Any
 
 import asyncpg
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from services.common import db, kafka
+from services.common.fetched import FetchedRecord
 from services.common.metrics import CONSUMER_LAG, DB_RETRIES
 from services.common.settings import CommonSettings
 from services.common.statestore import Change, PartitionStateStore
@@ -95,9 +96,7 @@ class StatefulService(abc.ABC):
         return None
 
     @abc.abstractmethod
-    def process(
-        self, partition: int, records: list[ConsumerRecord]
-    ) -> tuple[list[Any], int | None]:
+    def process(self, partition: int, records: list[FetchedRecord]) -> tuple[list[Any], int | None]:
         """Apply records; return outputs and the newest event time seen (ms)."""
 
     @abc.abstractmethod
@@ -183,13 +182,13 @@ class StatefulService(abc.ABC):
             next_tick = await asyncio.shield(self._stepping)
 
     async def _locked_step(
-        self, batches: dict[TopicPartition, list[ConsumerRecord]], next_tick: float
+        self, batches: dict[TopicPartition, list[FetchedRecord]], next_tick: float
     ) -> float:
         async with self.lock:
             return await self._step(batches, next_tick)
 
     async def _step(
-        self, batches: dict[TopicPartition, list[ConsumerRecord]], next_tick: float
+        self, batches: dict[TopicPartition, list[FetchedRecord]], next_tick: float
     ) -> float:
         """One batch: apply it, produce its outputs, save state with offsets (in that order)."""
         assert self.consumer is not None

@@ -15,10 +15,10 @@ from typing import Any
 
 import asyncpg
 import orjson
-from aiokafka import ConsumerRecord
 
 from schemas.timefmt import ms_to_datetime, parse_ts
 from services.common import db, kafka
+from services.common.fetched import FetchedRecord
 from services.common.http import HttpServer, probe_app
 from services.common.metrics import EVENTS_OUT, LATENCY
 from services.common.runner import run_service
@@ -132,15 +132,13 @@ class DosageService(StatefulService):
         assert self.pool is not None
         await self._load_rules()
 
-    def process(
-        self, partition: int, records: list[ConsumerRecord]
-    ) -> tuple[list[Any], int | None]:
+    def process(self, partition: int, records: list[FetchedRecord]) -> tuple[list[Any], int | None]:
         board = self.boards[partition]
         out: list[Output] = []
         newest: int | None = None
         for record in records:
             try:
-                doc = orjson.loads(record.value)
+                doc = orjson.loads(record.value or b"")
                 kind = doc["type"]
             except (orjson.JSONDecodeError, KeyError, TypeError):
                 log.error("unreadable visit event skipped",

@@ -15,11 +15,11 @@ from typing import Any
 
 import asyncpg
 import orjson
-from aiokafka import ConsumerRecord
 
 from schemas.fastping import FastPings, PingColumns
 from schemas.timefmt import parse_ts
 from services.common import db, kafka
+from services.common.fetched import FetchedRecord
 from services.common.http import HttpServer, probe_app
 from services.common.metrics import EVENTS_OUT, LATENCY, OPEN_VISITS, PINGS_IN
 from services.common.runner import run_service
@@ -228,7 +228,7 @@ class GeofenceService(StatefulService):
         return self.trackers[partition].clock
 
     def process(
-        self, partition: int, records: list[ConsumerRecord]
+        self, partition: int, records: list[FetchedRecord]
     ) -> tuple[list[Record], int | None]:
         tracker = self.trackers[partition]
         backlog, self._backlog = self._backlog, []
@@ -246,9 +246,7 @@ class GeofenceService(StatefulService):
         LATENCY.labels(self.name).observe(max(0.0, time.time() - newest / 1000))
         return backlog + visit_records(events, self.gsettings.source), newest
 
-    def _read_slowly(
-        self, partition: int, records: list[ConsumerRecord], read: PingColumns
-    ) -> None:
+    def _read_slowly(self, partition: int, records: list[FetchedRecord], read: PingColumns) -> None:
         """Records the fast reader left (none from ingest, which writes the canonical form):
         orjson and parse_ts, in their place in the partition's order."""
         fast = iter(zip(read.unit_id, read.ts, read.lon, read.lat, read.accuracy_m, strict=True))
