@@ -12,7 +12,7 @@ from typing import Any
 
 import httpx
 import orjson
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from services.ingest.service import IngestService, IngestSettings
 
@@ -201,3 +201,43 @@ def test_kafka_outputs_and_counters_are_the_slow_paths(
     after = [counter(n, **labels) for n, labels in names]
     # 12 pings in 11 messages; refused: 2 for lat, 1 for ts, 2 unreadable, 1 unknown field
     assert [a - b for a, b in zip(after, before, strict=True)] == [12, 2, 1, 2, 6, 6]
+
+
+def test_kafka_offsets_are_committed_behind_their_outputs(
+    kafka_bootstrap: str, topic_prefix: str
+) -> None:
+    """Commits run beside the loop (`IngestService._commit`): the group's committed offsets
+    reach every message taken, over several commits, and a stop waits for the last one."""
+    settings = IngestSettings(
+        kafka_bootstrap=kafka_bootstrap, topic_prefix=topic_prefix, commit_interval_ms=20
+    )
+    count = 60
+
+    async def committed() -> int:
+        probe = AIOKafkaConsumer(bootstrap_servers=kafka_bootstrap,
+                                 group_id=settings.topic_prefix + settings.group_id)  # fmt: skip
+        await probe.start()
+        try:
+            await probe.topics()  # metadata
+            parts = probe.partitions_for_topic(settings.topic_raw) or set()
+            tps = [TopicPartition(settings.topic_raw, p) for p in parts]
+            return sum([await probe.committed(tp) or 0 for tp in tps])
+        finally:
+            await probe.stop()
+
+    async def scenario() -> tuple[int, int]:
+        async with running(settings) as producer:
+            for i in range(count):
+                ping = GOOD | {"ts": 1778781605000 + i * 1000, "unit_id": f"car-{i % 7}"}
+                await producer.send_and_wait(settings.topic_raw, orjson.dumps(ping),
+                                             key=b"car-%d" % (i % 7))  # fmt: skip
+                if i % 10 == 9:
+                    await asyncio.sleep(0.05)  # several fetches, several commits
+            await drain(kafka_bootstrap, settings.topic_pings, count)
+            async with asyncio.timeout(20):
+                while (during := await committed()) < count:
+                    await asyncio.sleep(0.1)
+        return during, await committed()
+
+    during, after = asyncio.run(scenario())
+    assert during == count and after == count

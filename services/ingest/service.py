@@ -6,13 +6,14 @@ so a crash repeats a few pings at worst, and the rules treat a repeated ping as 
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
 import time
 from collections.abc import Callable, Iterable, Sequence
-from typing import TypeVar
+from typing import Any, TypeVar
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from pydantic import Field
@@ -54,6 +55,8 @@ class IngestService:
         self._producer: AIOKafkaProducer | None = None
         self._consumer: AIOKafkaConsumer | None = None
         self._out: kafka.BatchProducer | None = None
+        self._consumed: dict[TopicPartition, int] = {}  # the next offsets, since the last commit
+        self._committing: asyncio.Task[None] | None = None
         # Well-formed single pings the fast way; every other message by the rules, guarded.
         self._rules = functools.partial(_guarded, normalise_message)
         self._normaliser = FastNormaliser(self._rules)
@@ -74,6 +77,11 @@ class IngestService:
     async def stop(self) -> None:
         self.ready = False
         await self.http.stop()
+        if self._committing is not None:
+            try:
+                await self._committing
+            except Exception:
+                log.exception("the last commit failed; a restart repeats its pings")
         if self._consumer is not None:
             await self._consumer.stop()
         if self._producer is not None:
@@ -84,12 +92,12 @@ class IngestService:
         consumer = self._consumer
         last_commit = 0.0
         while True:
+            if self._committing is not None and self._committing.done():
+                self._committing.result()  # a failed ack or commit stops the service, as before
             batches = await consumer.getmany(timeout_ms=100)
             if not batches:
-                if last_commit and time.monotonic() - last_commit > 1.0:
-                    await self._out.acked()
-                    await consumer.commit()
-                    last_commit = 0.0
+                if self._consumed and time.monotonic() - last_commit > 1.0:
+                    self._commit()
                 continue
             keys: list[bytes] = []
             values: list[bytes] = []
@@ -107,6 +115,7 @@ class IngestService:
                               "offset": records[k].offset}  # fmt: skip
                     dead.append(dead_letter(raws[k], bad, source))
                 self._count(done.pings, [r for _, bad in done.rejected for r in bad], "kafka")
+                self._consumed[tp] = records[-1].offset + 1
                 hw = consumer.highwater(tp)
                 if hw is not None:
                     CONSUMER_LAG.labels(SERVICE, str(tp.partition)).set(hw - records[-1].offset - 1)
@@ -116,9 +125,36 @@ class IngestService:
             if now - last_commit >= self.settings.commit_interval_ms / 1000:
                 # At least once: a crash repeats at most an interval of pings, which the
                 # rules discard as duplicates.
-                await self._out.acked()
-                await consumer.commit()
+                self._commit()
                 last_commit = now
+
+    def _commit(self) -> None:
+        """Commit the offsets consumed so far once their outputs are acked, in the background:
+        waiting for the acks and the commit in the loop held up the next fetch (a stall every
+        commit interval, in the pipeline's tail latency). Commits stay in order, each after
+        the one before; one that fails fails every later one and then the loop (`run`)."""
+        assert self._out is not None
+        offsets, self._consumed = self._consumed, {}
+        acks = self._out.take_unacked()
+        self._committing = asyncio.create_task(self._commit_after(self._committing, acks, offsets))
+
+    async def _commit_after(
+        self,
+        previous: asyncio.Task[None] | None,
+        acks: list[asyncio.Future[Any]],
+        offsets: dict[TopicPartition, int],
+    ) -> None:
+        assert self._consumer is not None
+        if previous is not None:
+            await previous
+        if acks:
+            await asyncio.gather(*acks)
+        # A partition revoked meanwhile is another member's now; it resumes from the last
+        # commit, and repeats what this one took since (at least once).
+        assigned = self._consumer.assignment()
+        mine = {tp: offset for tp, offset in offsets.items() if tp in assigned}
+        if mine:
+            await self._consumer.commit(mine)
 
     def _normalise(self, raws: Sequence[bytes]) -> Normalised:
         """A partition's batch, the fast way; should the fast path itself fail (a bug), the
