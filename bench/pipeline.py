@@ -1,7 +1,7 @@
 """The running services on the embedded broker and PostgreSQL, at increasing ping rates.
 
     .venv/bin/python bench/pipeline.py [--rates 1000,5000,10000,0] [--seconds 10]
-                                       [--partitions 4]
+                                       [--partitions 1,4]
 
 Each service runs as its own process (as deployed). For every rate it prints throughput,
 CPU seconds per 1,000 pings for each service, and the p50/p99/p999 latency from a ping being
@@ -9,6 +9,11 @@ produced to the zone status it caused being produced (rate 0 means as fast as po
 Latency is sampled on a zone's due -> active change, which the ping of the first unit to
 arrive causes; units work beats (see `beats`) so that such changes happen all the time.
 The measured window opens once every stage has caught up with the load (see `run_rate`).
+
+Every rate runs with each partition count given: 1 is how `dosewatch up` makes topics on the
+embedded broker (one instance per stage), 4 the services' default for a cluster. The embedded
+broker's fetches cost more for each batch its partitions hold, so at 4 its latency climbs
+through the window (docs/performance.md).
 """
 
 from __future__ import annotations
@@ -288,7 +293,7 @@ async def main() -> None:
     parser.add_argument("--interval", type=float, default=1.0, help="s between a unit's pings")
     parser.add_argument("--units", type=int, default=0, help="default: rate x interval")
     parser.add_argument(
-        "--partitions", type=int, default=4, help="of each topic (DOSEWATCH_PARTITIONS)"
+        "--partitions", default="1,4", help="of each topic (DOSEWATCH_PARTITIONS), each in turn"
     )
     args = parser.parse_args()
     async with embedded_stack() as st:
@@ -300,9 +305,10 @@ async def main() -> None:
 
 async def run_rates(args: argparse.Namespace, st: Stack) -> list[dict[str, Any]]:
     rates = [int(r) for r in args.rates.split(",")]
-    # Each rate patrols its own zones: latency is sampled on a zone's first arrival (the
-    # due -> active change), which a zone patrolled by an earlier rate would not show again.
-    features = make_zones(3, args.zones * len(rates), box_km=30.0)
+    runs = [(int(p), rate) for p in args.partitions.split(",") for rate in rates]
+    # Each run patrols its own zones: latency is sampled on a zone's first arrival (the
+    # due -> active change), which a zone patrolled by an earlier run would not show again.
+    features = make_zones(3, args.zones * len(runs), box_km=30.0)
     conn = await asyncpg.connect(st.url)
     await db.migrate(conn)
     await import_zones(conn, {"type": "FeatureCollection", "features": features})
@@ -311,18 +317,18 @@ async def run_rates(args: argparse.Namespace, st: Stack) -> list[dict[str, Any]]
         "DOSEWATCH_KAFKA_BOOTSTRAP": st.broker.bootstrap,
         "DOSEWATCH_DATABASE_URL": st.url,
         "DOSEWATCH_LOG_LEVEL": "WARNING",
-        "DOSEWATCH_PARTITIONS": str(args.partitions),
     }
     rows: list[dict[str, Any]] = []
-    for i, rate in enumerate(rates):
-        # Fresh topics per rate: the embedded broker's produce cost grows with the batches
-        # already in a topic (see docs/performance.md), which would charge this rate for
+    for i, (partitions, rate) in enumerate(runs):
+        # Fresh topics per run: the embedded broker's fetch cost grows with the batches
+        # already in a topic (see docs/performance.md), which would charge this run for
         # the ones before it.
         prefix = f"bench{i}."
-        procs, ports = await start_services(env | {"DOSEWATCH_TOPIC_PREFIX": prefix}, st.state)
+        run_env = env | {"DOSEWATCH_TOPIC_PREFIX": prefix, "DOSEWATCH_PARTITIONS": str(partitions)}
+        procs, ports = await start_services(run_env, st.state)
         try:
             own = features[i * args.zones : (i + 1) * args.zones]
-            row = {"partitions": args.partitions}
+            row = {"partitions": partitions}
             row |= await run_rate(rate, args.seconds, st.broker, prefix, own, procs, args.units,
                                   args.interval, ports, args.warmup, st.pg)  # fmt: skip
             rows.append(row)

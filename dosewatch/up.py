@@ -70,6 +70,12 @@ async def up(state_dir: Path, demo: bool, speed: float, units: int, zones: int) 
                 # each ask costs it more as its topics grow (docs/performance.md). At demo
                 # rates a longer wait costs a few ms a hop and saves most of that.
                 settings.fetch_max_wait_ms = EMBEDDED_FETCH_MAX_WAIT_MS
+            if "DOSEWATCH_PARTITIONS" not in os.environ:
+                # One instance per stage in this process: more partitions would spread no
+                # work, and the embedded broker's fetches cost more for every partition's
+                # batches (at 10,000 pings/s, 0.04 against 0.08 s of CPU per 1,000 pings,
+                # and a p99 that stays flat instead of climbing; docs/performance.md).
+                settings.partitions = 1
         if "DOSEWATCH_DATABASE_URL" not in os.environ and settings.database_url_file is None:
             state_dir.chmod(state_dir.stat().st_mode | 0o711)
             pg = EmbeddedPostgres(
@@ -117,7 +123,10 @@ async def up(state_dir: Path, demo: bool, speed: float, units: int, zones: int) 
             tasks.append(asyncio.create_task(_stream_demo(settings, speed, units, zones)))
         ports = ", ".join(f"{s.name} http://127.0.0.1:{s.http.port}" for s in services)
         key = f"; admin key in {admin_key}" if admin_key else ""
-        kafka = f"kafka {settings.kafka_bootstrap} (fetch wait {settings.fetch_max_wait_ms} ms)"
+        kafka = (
+            f"kafka {settings.kafka_bootstrap} (fetch wait {settings.fetch_max_wait_ms} ms, "
+            f"{settings.partitions} partition{'s' if settings.partitions > 1 else ''} a topic)"
+        )
         print(f"dosewatch ready: {kafka}; {ports}{key}", flush=True)
         console = f"http://127.0.0.1:{services[-1].http.port}/"
         if console_key is not None:

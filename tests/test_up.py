@@ -3,6 +3,7 @@ whether it is stopped with Ctrl-C or killed with SIGKILL."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 import signal
@@ -14,6 +15,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from aiokafka.admin import AIOKafkaAdminClient
 
 from services.common.embedded import free_port
 
@@ -112,16 +114,32 @@ def test_up_ready_then_ctrl_c_stops_everything(state_dir: Path) -> None:
     assert (state_dir / "pgdata" / "PG_VERSION").exists()  # the data stays for next time
 
 
-@pytest.mark.parametrize(("env", "wait"), [({}, "50"), ({"DOSEWATCH_FETCH_MAX_WAIT_MS": "7"}, "7")])
-def test_embedded_broker_gets_a_longer_fetch_wait(
-    state_dir: Path, env: dict[str, str], wait: str
+@pytest.mark.parametrize(
+    ("env", "wait", "partitions"),
+    [({}, "50", 1), ({"DOSEWATCH_FETCH_MAX_WAIT_MS": "7", "DOSEWATCH_PARTITIONS": "3"}, "7", 3)],
+)
+def test_embedded_broker_gets_a_longer_fetch_wait_and_one_partition(
+    state_dir: Path, env: dict[str, str], wait: str, partitions: int
 ) -> None:
-    """On the embedded broker the services wait 50 ms for a fetch unless told otherwise: at
-    5 ms its idle polling is most of the stack's CPU (docs/performance.md)."""
-    proc, lines = start_up(state_dir, env)
+    """On the embedded broker the services wait 50 ms for a fetch and make topics of one
+    partition unless told otherwise: at 5 ms its idle polling is most of the stack's CPU, and
+    its fetches cost more for every partition (docs/performance.md)."""
+    port = free_port()
+    proc, lines = start_up(state_dir, env | {"DOSEWATCH_EMBEDDED_KAFKA_PORT": str(port)})
     try:
-        found = re.search(r"kafka [0-9.:]+ \(fetch wait (\d+) ms\)", lines[-1])
-        assert found is not None and found.group(1) == wait
+        found = re.search(r"kafka [0-9.:]+ \(fetch wait (\d+) ms, (\d+) partitions?", lines[-1])
+        assert found is not None and found.groups() == (wait, str(partitions))
+
+        async def counts() -> list[int]:
+            admin = AIOKafkaAdminClient(bootstrap_servers=f"127.0.0.1:{port}")
+            await admin.start()
+            try:
+                topics = await admin.describe_topics()
+            finally:
+                await admin.close()
+            return [len(t["partitions"]) for t in topics if t["topic"].endswith("pings")]
+
+        assert asyncio.run(counts()) == [partitions]
     finally:
         proc.send_signal(signal.SIGINT)
         proc.communicate(timeout=30)
