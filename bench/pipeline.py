@@ -45,6 +45,7 @@ from services.common.kafka import BatchProducer
 from services.common.zonestore import import_zones
 
 SERVICES = ("ingest", "geofence", "dosage")
+STATEFUL = ("geofence", "dosage")
 TICKS = os.sysconf("SC_CLK_TCK")
 WARMUP_MAX_S = 30.0  # a rate past capacity never catches up: measure it anyway, marked behind
 
@@ -172,6 +173,7 @@ async def run_rate(
         w["sent0"], w["t0"] = sent, time.monotonic()
         w["taken0"] = await _taken(ports["geofence"])
         w["before"] = {n: await _histogram(ports[n]) for n in SERVICES}
+        w["waited0"] = {n: await _save_wait(ports[n]) for n in STATEFUL}
         w["end"] = w["t0"] + seconds
 
     opener = asyncio.create_task(open_window())
@@ -200,6 +202,7 @@ async def run_rate(
     cpu_broker = broker_cpu(broker) - w["broker0"]
     cpu_pg = tree_cpu(pg_pid) - w["pg0"]
     stages = {n: await _stage_quantiles(ports[n], w["before"][n]) for n in SERVICES}
+    waited = {n: await _save_wait(ports[n]) - w["waited0"][n] for n in STATEFUL}
     await consumer.stop()
     await producer.stop()
     lat = np.asarray(latencies or [float("nan")])
@@ -220,6 +223,9 @@ async def run_rate(
     row["cpu_postgres"] = cpu_pg / sent * 1000
     for name in SERVICES:
         row[f"p99_{name}_ms"] = stages[name]
+    for name in STATEFUL:
+        # Held up by its last save (one in flight at most): the stage's stalls from the database.
+        row[f"save_wait_{name}_ms"] = waited[name] * 1000
     return row
 
 
@@ -241,6 +247,11 @@ async def _histogram(port: int) -> dict[float, float]:
         le = labels.split('le="')[1].split('"')[0]
         out[float("inf") if le == "+Inf" else float(le)] = count
     return out
+
+
+async def _save_wait(port: int) -> float:
+    """Seconds a stateful stage has waited for its saves so far (its save wait counter)."""
+    return sum(v for _, v in await _samples(port, "dosewatch_state_save_wait_seconds_total"))
 
 
 async def _taken(port: int) -> float:

@@ -8,6 +8,7 @@ from typing import Any
 
 import orjson
 from aiokafka import AIOKafkaProducer
+from prometheus_client import REGISTRY
 
 from schemas.timefmt import format_ts
 from services.common.kafka import BatchProducer
@@ -76,6 +77,12 @@ def run_against_replay(
     fixes = sample_fixes()
     fixes += flush_fixes(max(f.ts for f in fixes), settings.partitions)
 
+    def saves() -> float:
+        count = {"service": "geofence"}
+        return REGISTRY.get_sample_value("dosewatch_state_save_seconds_count", count) or 0.0
+
+    saved_before = saves()
+
     async def scenario() -> list[dict[str, Any]]:
         await prepare_database(database_url)
         service = GeofenceService(settings)
@@ -98,3 +105,4 @@ def run_against_replay(
         return [e["data"] for e in events if e["type"] == "dosewatch.visit.ended"]
 
     assert sorted(asyncio.run(scenario()), key=key) == expected
+    assert saves() > saved_before  # each save's time is in /metrics

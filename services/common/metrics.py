@@ -22,4 +22,15 @@ CONSUMER_LAG = Gauge(
     "dosewatch_consumer_lag", "Records behind the log end", ["service", "partition"]
 )
 OPEN_VISITS = Gauge("dosewatch_open_visits", "Visits open now", ["service"])
+SAVE_SECONDS = Histogram(
+    "dosewatch_state_save_seconds",
+    "A save's database transaction (state, outputs and offsets), retries included",
+    ["service"],
+    buckets=(0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0),
+)
+SAVE_WAIT = Counter(
+    "dosewatch_state_save_wait_seconds_total",
+    "Time the stream stood still for the save before a due one (one save is in flight at most)",
+    ["service"],
+)
 DB_RETRIES = Counter("dosewatch_db_retries_total", "Database operations retried", ["service"])

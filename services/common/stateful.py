@@ -26,7 +26,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from services.common import db, kafka
 from services.common.fetched import FetchedRecord
-from services.common.metrics import CONSUMER_LAG, DB_RETRIES
+from services.common.metrics import CONSUMER_LAG, DB_RETRIES, SAVE_SECONDS, SAVE_WAIT
 from services.common.settings import CommonSettings
 from services.common.statestore import Change, PartitionStateStore
 
@@ -224,7 +224,9 @@ class StatefulService(abc.ABC):
             # Saving per commit interval rather than per batch: a crash repeats at most an
             # interval's outputs, and repeats carry the same event ids.
             if self._saving is not None and not self._saving.done():
+                waited_from = time.monotonic()
                 await self._saving  # at most one save in flight
+                SAVE_WAIT.labels(self.name).inc(time.monotonic() - waited_from)
             self._commit_pending(now)
         return next_tick
 
@@ -291,7 +293,9 @@ class StatefulService(abc.ABC):
                 await self.write(conn, outputs)
                 await self.store.write(conn, changes, offsets)
 
+        started = time.monotonic()
         await db.retrying(tx, "save state", self.settings.db_retry_max_s, self._retried)
+        SAVE_SECONDS.labels(self.name).observe(time.monotonic() - started)
 
     def _retried(self) -> None:
         DB_RETRIES.labels(self.name).inc()
