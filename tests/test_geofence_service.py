@@ -106,3 +106,6 @@ def run_against_replay(
 
     assert sorted(asyncio.run(scenario()), key=key) == expected
     assert saves() > saved_before  # each save's time is in /metrics
+    waited = REGISTRY.get_sample_value("dosewatch_state_save_wait_seconds_total",
+                                       {"service": "geofence"})  # fmt: skip
+    assert waited is not None and waited >= 0.0

@@ -127,6 +127,7 @@ class StatefulService(abc.ABC):
         """After everything a partition's state needs is loaded: the group may assign
         partitions as soon as the consumer starts."""
         s = self.settings
+        SAVE_WAIT.labels(self.name)  # exported at 0 from the start, not from the first wait
         self.producer = kafka.producer(s)
         await self.producer.start()
         self.out = kafka.BatchProducer(self.producer)
