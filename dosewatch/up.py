@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 import logging
 import os
 import signal
@@ -29,7 +28,7 @@ from services.api.service import ApiService
 from services.api.settings import ApiSettings
 from services.common import db
 from services.common.embedded import EmbeddedKafka, EmbeddedPostgres, free_port
-from services.common.runner import GC_THRESHOLDS
+from services.common.runner import settle_gc
 from services.common.settings import CommonSettings
 from services.common.zonestore import import_zones
 from services.dosage.service import DosageService, DosageSettings
@@ -118,7 +117,7 @@ async def up(state_dir: Path, demo: bool, speed: float, units: int, zones: int) 
         for service in services:
             await service.start()
             tasks.append(asyncio.create_task(service.run()))
-        gc.set_threshold(*GC_THRESHOLDS)
+        settle_gc()
         if demo:
             tasks.append(asyncio.create_task(_stream_demo(settings, speed, units, zones)))
         ports = ", ".join(f"{s.name} http://127.0.0.1:{s.http.port}" for s in services)

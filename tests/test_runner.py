@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import weakref
 
 import pytest
 
@@ -39,4 +40,38 @@ def test_run_service_tunes_the_collector_and_reports_a_crash() -> None:
         assert probe.seen == GC_THRESHOLDS != (700, 10, 10)
         assert probe.stopped
     finally:
+        gc.set_threshold(*before)
+
+
+class _Node:
+    def __init__(self) -> None:
+        self.other: _Node | None = None
+
+
+class Starting(Probe):
+    """Leaves a cycle of garbage and a structure it keeps, as a service's start does."""
+
+    async def start(self) -> None:
+        a, b = _Node(), _Node()
+        a.other, b.other = b, a  # garbage once start returns, freed only by a collection
+        self.garbage = weakref.ref(a)
+        self.kept = [[i] for i in range(100)]
+
+    async def run(self) -> None:
+        self.collected = self.garbage() is None
+        # Frozen: out of the collector's reach, so no full collection walks it again.
+        tracked = gc.get_objects()
+        self.frozen = not any(o is self.kept for o in tracked)
+
+
+def test_what_start_keeps_is_frozen_and_its_garbage_collected() -> None:
+    before = gc.get_threshold()
+    gc.disable()  # no collection but run_service's own between start and run
+    try:
+        probe = Starting()
+        asyncio.run(run_service(probe))
+        assert probe.collected and probe.frozen
+    finally:
+        gc.unfreeze()
+        gc.enable()
         gc.set_threshold(*before)

@@ -16,6 +16,19 @@ log = logging.getLogger(__name__)
 GC_THRESHOLDS = (20_000, 20, 20)
 
 
+def settle_gc() -> None:
+    """Once a service has started: collect what starting left behind, then freeze the rest
+    (modules, compiled code, zones, clients), which lives as long as the process, out of the
+    collector's reach, and collect less often (`GC_THRESHOLDS`).
+
+    A full collection walks every object the collector tracks: at 10,000 pings/s it stood
+    each service still for 64-137 ms, the pipeline's latency tail. Frozen objects are still
+    freed by reference counting; only a cycle among them would stay."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(*GC_THRESHOLDS)
+
+
 class Service(Protocol):
     async def start(self) -> None: ...
     async def run(self) -> None: ...
@@ -28,7 +41,7 @@ async def run_service(service: Service) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     await service.start()
-    gc.set_threshold(*GC_THRESHOLDS)  # for the rest of the process
+    settle_gc()  # for the rest of the process
     work = asyncio.create_task(service.run())
     waiter = asyncio.create_task(stop.wait())
     done, _ = await asyncio.wait({work, waiter}, return_when=asyncio.FIRST_COMPLETED)
