@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import sys
 import time
 from pathlib import Path
@@ -34,23 +33,11 @@ from aiokafka.admin.records_to_delete import RecordsToDelete
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench._city import save, table
+from bench._proc import cpu_seconds, rss_mb
 from services.common.embedded import EmbeddedKafka, free_port
 
-TICKS = os.sysconf("SC_CLK_TCK")
 TOPIC = "history"
 TP = TopicPartition(TOPIC, 0)
-
-
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / TICKS
-
-
-def rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 def _batch(producer: AIOKafkaProducer, records: int) -> Any:

@@ -50,13 +50,13 @@ import shapely
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench._city import points, save, table, zone_specs
+from bench._proc import cpu_seconds
 from services.dosage.core.params import DosageParams
 from services.geofence.core.index import ZoneIndex
 from services.geofence.core.zone import ZoneSpec
 
 FloatArray = npt.NDArray[np.float64]
 Pairs = npt.NDArray[np.int64]  # point * zone_count + zone, sorted and unique
-TICKS = os.sysconf("SC_CLK_TCK")
 SCRATCH_DB = "dosewatch_compare"
 
 
@@ -71,11 +71,6 @@ class Measured:
 
 def encode(pt: npt.NDArray[Any], zn: npt.NDArray[Any], zones: int) -> Pairs:
     return np.unique(pt.astype(np.int64) * zones + zn.astype(np.int64))
-
-
-def proc_cpu_s(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / TICKS
 
 
 def boundary_probes(zones: list[ZoneSpec], count: int, seed: int) -> tuple[FloatArray, FloatArray]:
@@ -225,13 +220,13 @@ async def _postgis(
                 print(f"warning: the PostGIS plan at {count} zones skips the GiST index:\n{plan}")
             await stmt.fetchrow(lons[:batch], lats[:batch])  # warm-up: caches, plan
             pt_parts, zn_parts = [], []
-            c0, w0 = proc_cpu_s(pid), time.perf_counter()
+            c0, w0 = cpu_seconds(pid), time.perf_counter()
             for start in range(0, len(lons), batch):
                 row = await stmt.fetchrow(lons[start : start + batch], lats[start : start + batch])
                 assert row is not None
                 pt_parts.append(np.asarray(row[0], dtype=np.int64) - 1 + start)
                 zn_parts.append(np.asarray(row[1], dtype=np.int64))
-            cpu, wall = proc_cpu_s(pid) - c0, time.perf_counter() - w0
+            cpu, wall = cpu_seconds(pid) - c0, time.perf_counter() - w0
             pairs = encode(np.concatenate(pt_parts), np.concatenate(zn_parts), count)
             out[count] = Measured(pairs, len(lons), cpu, wall)
     finally:

@@ -16,7 +16,6 @@ import argparse
 import array
 import asyncio
 import contextlib
-import os
 import random
 import re
 import resource
@@ -34,6 +33,7 @@ from prometheus_client import REGISTRY
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench._city import save, table
+from bench._proc import cpu_seconds
 from dosewatch.demo import make_zones
 from schemas.timefmt import format_ts
 from services.api import keys, ws
@@ -48,8 +48,6 @@ from services.common.embedded import EmbeddedPostgres, free_port
 from services.common.http import HttpServer
 from services.common.zonestore import import_zones
 
-TICKS = os.sysconf("SC_CLK_TCK")
-
 
 def raise_nofile(need: int) -> None:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -60,11 +58,6 @@ def raise_nofile(need: int) -> None:
 
 
 STAMP = re.compile(rb'"bench_t":([0-9.eE+-]+)')
-
-
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / TICKS
 
 
 # -- the consoles (a child process) -------------------------------------------------------------

@@ -29,8 +29,9 @@ from aiokafka import AIOKafkaProducer, ConsumerRecord
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench._city import patrol, save, table, zone_specs
+from bench._proc import cpu_seconds
 from bench._stack import embedded_stack, wait_ready
-from bench.pipeline import broker_cpu, cpu_seconds
+from bench.pipeline import broker_cpu
 from dosewatch.demo import make_zones
 from schemas.timefmt import format_ts
 from services.common import db, kafka

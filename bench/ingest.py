@@ -44,6 +44,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench._city import save, table
+from bench._proc import cpu_seconds
 from bench._stack import wait_ready
 from schemas.timefmt import format_ts, parse_ts
 from services.common.embedded import EmbeddedKafka, free_port
@@ -54,7 +55,6 @@ from services.ingest.core.normalise import Limits, normalise_message
 
 ROOT = Path(__file__).resolve().parents[1]
 NOW = 1_778_781_600_000
-TICKS = os.sysconf("SC_CLK_TCK")
 PLACEHOLDER = b"2000-01-01T00:00:00.000Z"
 
 
@@ -216,11 +216,6 @@ def main() -> None:
 
 
 # -- the service on the embedded broker ---------------------------------------------------
-
-
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / TICKS
 
 
 def service_command(rev: str | None, tmp: Path) -> list[str]:

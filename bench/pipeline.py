@@ -36,6 +36,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench._city import save, table
+from bench._proc import TICKS, cpu_seconds
 from bench._stack import Stack, embedded_stack, wait_ready
 from dosewatch.demo import make_zones
 from schemas.timefmt import format_ts, parse_ts
@@ -46,13 +47,7 @@ from services.common.zonestore import import_zones
 
 SERVICES = ("ingest", "geofence", "dosage")
 STATEFUL = ("geofence", "dosage")
-TICKS = os.sysconf("SC_CLK_TCK")
 WARMUP_MAX_S = 30.0  # a rate past capacity never catches up: measure it anyway, marked behind
-
-
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / TICKS
 
 
 def beats(
