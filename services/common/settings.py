@@ -44,6 +44,8 @@ class CommonSettings(BaseSettings):
     # Group membership: short timeouts make a dead instance's partitions move on quickly.
     session_timeout_ms: int = Field(3000, ge=1000)
     heartbeat_interval_ms: int = Field(300, ge=100)
+    # A partition behind with nothing handed out this long is logged as stalled.
+    consumer_stall_s: float = Field(30.0, gt=0)
 
     # -- PostgreSQL ---------------------------------------------------------------------------
     # sslmode and friends ride in the URL (…?sslmode=verify-full).

@@ -26,7 +26,8 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from services.common import db, kafka
 from services.common.fetched import FetchedRecord
-from services.common.metrics import CONSUMER_LAG, DB_RETRIES, SAVE_SECONDS, SAVE_WAIT
+from services.common.lag import LagWatch
+from services.common.metrics import DB_RETRIES, SAVE_SECONDS, SAVE_WAIT
 from services.common.settings import CommonSettings
 from services.common.statestore import Change, PartitionStateStore
 
@@ -76,6 +77,7 @@ class StatefulService(abc.ABC):
         self._pending_outputs: list[Any] = []
         self._pending_offsets: dict[int, int] = {}
         self._last_save = 0.0
+        self.lag = LagWatch(self.name, settings.consumer_stall_s)
         self.store = PartitionStateStore(self.name, topic)
         self.ready = False
 
@@ -177,6 +179,7 @@ class StatefulService(abc.ABC):
                 min(self.tick_s, self.commit_interval_s) if self._pending_offsets else self.tick_s
             )
             batches = await consumer.getmany(timeout_ms=max(1, int(wait_s * 1000)))
+            self.lag.fetched(consumer, batches, time.monotonic())
             # Shielded: a stop waits for the batch (see stop_clients) instead of cutting it
             # between changing state and queueing its offsets.
             self._stepping = asyncio.create_task(self._locked_step(batches, next_tick))
@@ -192,8 +195,6 @@ class StatefulService(abc.ABC):
         self, batches: dict[TopicPartition, list[FetchedRecord]], next_tick: float
     ) -> float:
         """One batch: apply it, produce its outputs, save state with offsets (in that order)."""
-        assert self.consumer is not None
-        consumer = self.consumer
         outputs: list[Any] = []
         offsets: dict[int, int] = {}
         now = time.monotonic()
@@ -207,9 +208,6 @@ class StatefulService(abc.ABC):
             if newest is not None and (old is None or newest > old):
                 old = newest
             self.partitions[tp.partition] = (old, now)
-            hw = consumer.highwater(tp)
-            if hw is not None:
-                CONSUMER_LAG.labels(self.name, str(tp.partition)).set(hw - offsets[tp.partition])
         if self.wall_clock and now >= next_tick:
             next_tick = now + self.tick_s
             for p, (newest, seen_at) in self.partitions.items():

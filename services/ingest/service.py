@@ -21,7 +21,8 @@ from pydantic import Field
 from schemas.ping import PingError
 from services.common import kafka
 from services.common.http import HttpServer, probe_app
-from services.common.metrics import CONSUMER_LAG, EVENTS_OUT, LATENCY, PINGS_IN, PINGS_REJECTED
+from services.common.lag import LagWatch
+from services.common.metrics import EVENTS_OUT, LATENCY, PINGS_IN, PINGS_REJECTED
 from services.common.settings import CommonSettings
 from services.ingest.core.fast import FastNormaliser, Normalised, normalise_each
 from services.ingest.core.normalise import (
@@ -57,6 +58,7 @@ class IngestService:
         self._out: kafka.BatchProducer | None = None
         self._consumed: dict[TopicPartition, int] = {}  # the next offsets, since the last commit
         self._committing: asyncio.Task[None] | None = None
+        self._lag = LagWatch(SERVICE, settings.consumer_stall_s)
         # Well-formed single pings the fast way; every other message by the rules, guarded.
         self._rules = functools.partial(_guarded, normalise_message)
         self._normaliser = FastNormaliser(self._rules)
@@ -95,6 +97,7 @@ class IngestService:
             if self._committing is not None and self._committing.done():
                 self._committing.result()  # a failed ack or commit stops the service, as before
             batches = await consumer.getmany(timeout_ms=100)
+            self._lag.fetched(consumer, batches, time.monotonic())
             if not batches:
                 if self._consumed and time.monotonic() - last_commit > 1.0:
                     self._commit()
@@ -116,9 +119,6 @@ class IngestService:
                     dead.append(dead_letter(raws[k], bad, source))
                 self._count(done.pings, [r for _, bad in done.rejected for r in bad], "kafka")
                 self._consumed[tp] = records[-1].offset + 1
-                hw = consumer.highwater(tp)
-                if hw is not None:
-                    CONSUMER_LAG.labels(SERVICE, str(tp.partition)).set(hw - records[-1].offset - 1)
             # Not waiting for the acks here lets the next fetch overlap them; the commit does.
             await self._publish(zip(keys, values, strict=True), len(keys), newest, dead, wait=False)
             now = time.monotonic()
