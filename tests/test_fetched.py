@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord
-from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from services.common import kafka
 from services.common.fetched import FetchedRecord
@@ -26,10 +25,7 @@ async def _drain(consumer: AIOKafkaConsumer, count: int) -> list[FetchedRecord]:
 
 async def _run(bootstrap: str, prefix: str) -> None:
     topic = prefix + "fetched"
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
-    await admin.start()
-    await admin.create_topics([NewTopic(topic, 1, 1)])
-    await admin.close()
+    await kafka.ensure_topics(CommonSettings(kafka_bootstrap=bootstrap, partitions=1), {topic: {}})
     producer = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=5)
     await producer.start()
     try:

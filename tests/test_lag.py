@@ -10,12 +10,13 @@ import time
 
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
-from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from hypothesis import given
 from hypothesis import strategies as st
 from prometheus_client import REGISTRY
 
+from services.common import kafka
 from services.common.lag import Change, LagWatch, StallWatch
+from services.common.settings import CommonSettings
 
 TP = TopicPartition("t", 0)
 
@@ -82,10 +83,7 @@ def _lag(partition: int) -> float | None:
 
 async def _run(bootstrap: str, prefix: str) -> None:
     topic = prefix + "lag"
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
-    await admin.start()
-    await admin.create_topics([NewTopic(topic, 2, 1)])
-    await admin.close()
+    await kafka.ensure_topics(CommonSettings(kafka_bootstrap=bootstrap, partitions=2), {topic: {}})
     p0, p1 = TopicPartition(topic, 0), TopicPartition(topic, 1)
     producer = AIOKafkaProducer(bootstrap_servers=bootstrap)
     consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, fetch_max_wait_ms=5)
