@@ -8,6 +8,7 @@ import asyncio
 import logging
 import time
 
+import httpx
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from hypothesis import given
@@ -17,6 +18,7 @@ from prometheus_client import REGISTRY
 from services.common import kafka
 from services.common.lag import Change, LagWatch, StallWatch
 from services.common.settings import CommonSettings
+from tests.api_helpers import api_stack, occupy, wait_until
 
 TP = TopicPartition("t", 0)
 
@@ -75,10 +77,9 @@ def test_stalls_and_resumes_alternate(steps: list[tuple[int, bool, float]]) -> N
     )
 
 
-def _lag(partition: int) -> float | None:
-    return REGISTRY.get_sample_value(
-        "dosewatch_consumer_lag", {"service": "lagtest", "partition": str(partition)}
-    )
+def _lag(topic: str, partition: int) -> float | None:
+    labels = {"service": "lagtest", "topic": topic, "partition": str(partition)}
+    return REGISTRY.get_sample_value("dosewatch_consumer_lag", labels)
 
 
 async def _run(bootstrap: str, prefix: str) -> None:
@@ -101,9 +102,9 @@ async def _run(bootstrap: str, prefix: str) -> None:
             watch.fetched(consumer, batches, time.monotonic())
             got += sum(len(r) for r in batches.values())
             if got < 10:
-                assert _lag(0) == 10 - got
-        assert _lag(0) == 0
-        assert _lag(1) is None  # nothing handed out yet: unknown, not 0
+                assert _lag(topic, 0) == 10 - got
+        assert _lag(topic, 0) == 0
+        assert _lag(topic, 1) is None  # nothing handed out yet: unknown, not 0
 
         # p0 grows, but only p1 is read: the fetcher learns p0's new end and hands none of it.
         for i in range(5):
@@ -115,8 +116,8 @@ async def _run(bootstrap: str, prefix: str) -> None:
         behind = (consumer.highwater(p0) or 0) - 10
         assert behind > 0
         watch.fetched(consumer, {}, time.monotonic())
-        assert _lag(0) == behind  # set per fetch with records only, it stayed at 0
-        assert _lag(1) == 0
+        assert _lag(topic, 0) == behind  # set per fetch with records only, it stayed at 0
+        assert _lag(topic, 1) == 0
         await asyncio.sleep(0.3)
         watch.fetched(consumer, {}, time.monotonic())  # behind for longer than stall_s
         late = 0
@@ -125,7 +126,7 @@ async def _run(bootstrap: str, prefix: str) -> None:
             watch.fetched(consumer, batches, time.monotonic())
             late += sum(len(r) for r in batches.values())
         assert late == 5
-        assert _lag(0) == 0
+        assert _lag(topic, 0) == 0
     finally:
         await consumer.stop()
         await producer.stop()
@@ -141,3 +142,42 @@ def test_lag_of_a_partition_handed_nothing(
             0) in said  # fmt: skip
     assert (logging.INFO, "consumer resumed", 0) in said
     assert all(partition == 0 for _, _, partition in said)
+
+
+def _lags(service: str, topic: str) -> list[float]:
+    """Each partition's lag that a stage has on /metrics for one topic."""
+    return [
+        sample.value
+        for metric in REGISTRY.collect()
+        if metric.name == "dosewatch_consumer_lag"
+        for sample in metric.samples
+        if sample.labels["service"] == service and sample.labels["topic"] == topic
+    ]
+
+
+async def _stages(kafka_bootstrap: str, database_url: str, topic_prefix: str) -> None:
+    async with (
+        api_stack(kafka_bootstrap, database_url, topic_prefix) as st,
+        httpx.AsyncClient(base_url=st.base, timeout=10) as http,
+    ):
+        await occupy(st, http)  # a ping through every stage to the API
+        reads = {
+            "ingest": "avl.pings.raw",
+            "geofence": "avl.pings",
+            "dosage": "dosage.visits",
+            "api": "dosage.zone-status",
+        }
+
+        async def every_stage_current() -> bool:
+            lags = [_lags(service, topic_prefix + topic) for service, topic in reads.items()]
+            return all(lags) and not any(any(lag) for lag in lags)
+
+        await wait_until(every_stage_current)
+
+
+def test_every_stage_shows_its_lag_by_topic(
+    kafka_bootstrap: str, database_url: str, topic_prefix: str
+) -> None:
+    """Each stage, the API's feed included, has its lag on /metrics, labelled by the topic it
+    reads (the API reads two), and at 0 once the ping has gone through."""
+    asyncio.run(_stages(kafka_bootstrap, database_url, topic_prefix))

@@ -19,6 +19,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from schemas.zone import ZoneFeature
 from services.api.context import ApiContext, Fix, ZoneInfo
 from services.common import kafka
+from services.common.lag import LagWatch
 from services.common.zonestore import CHANNEL
 
 log = logging.getLogger(__name__)
@@ -55,6 +56,7 @@ class LiveFeed:
         self.consumer: AIOKafkaConsumer | None = None
         self._listen: asyncpg.Connection | None = None
         self._zones_changed = asyncio.Event()
+        self.lag = LagWatch("api", ctx.settings.consumer_stall_s)
 
     async def start(self) -> None:
         s = self.ctx.settings
@@ -155,6 +157,7 @@ class LiveFeed:
         try:
             while True:
                 batches = await self.consumer.getmany(timeout_ms=200)
+                self.lag.fetched(self.consumer, batches, time.monotonic())
                 if batches:
                     self._apply(batches)
                 if time.monotonic() >= next_sweep:

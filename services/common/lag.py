@@ -1,11 +1,11 @@
 """Each consumed partition's lag, kept current, and a warning when a partition stalls.
 
-A stage sets `dosewatch_consumer_lag` after every fetch, with records or without. Set only
-when records came, the gauge of a consumer that is handed nothing kept its last value (about
-0) however far behind it fell: what the embedded broker does once a partition holds more
-history than it can list within the fetch wait (docs/performance.md, "Tenth round"). A
-partition that stays behind with nothing handed out for `stall_s` is logged once, and again
-once records flow.
+A stage (and the API's feed) sets `dosewatch_consumer_lag`, by topic and partition, after
+every fetch, with records or without. Set only when records came, the gauge of a consumer
+that is handed nothing kept its last value (about 0) however far behind it fell: what the
+embedded broker does once a partition holds more history than it can list within the fetch
+wait (docs/performance.md, "Tenth round"). A partition that stays behind with nothing handed
+out for `stall_s` is logged once, and again once records flow.
 """
 
 from __future__ import annotations
@@ -70,7 +70,7 @@ class LagWatch:
             if end is None or after is None:
                 continue  # nothing known yet: no fetch answered, or nothing handed out
             lag = end - after
-            CONSUMER_LAG.labels(self.service, str(tp.partition)).set(lag)
+            CONSUMER_LAG.labels(self.service, tp.topic, str(tp.partition)).set(lag)
             change = self.stalls.update(tp, lag, bool(batches.get(tp)), now)
             if change == "stalled":
                 log.warning(

@@ -19,7 +19,7 @@ LATENCY = Histogram(
     buckets=LATENCY_BUCKETS,
 )
 CONSUMER_LAG = Gauge(
-    "dosewatch_consumer_lag", "Records behind the log end", ["service", "partition"]
+    "dosewatch_consumer_lag", "Records behind the log end", ["service", "topic", "partition"]
 )
 OPEN_VISITS = Gauge("dosewatch_open_visits", "Visits open now", ["service"])
 SAVE_SECONDS = Histogram(
