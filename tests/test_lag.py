@@ -60,6 +60,16 @@ def test_stall_rules(name: str) -> None:
     assert [watch.update(TP, lag, out, now) for lag, out, now in fetches] == expected
 
 
+def test_a_forgotten_partition_is_timed_afresh() -> None:
+    watch = StallWatch(stall_s=10)
+    assert watch.update(TP, 5, False, 0) is None
+    assert watch.update(TP, 5, False, 10) == "stalled"
+    watch.forget(TP)  # revoked, then assigned again
+    assert watch.update(TP, 5, False, 11) is None  # neither "resumed" nor still stalled
+    assert watch.update(TP, 5, False, 20.9) is None
+    assert watch.update(TP, 5, False, 21) == "stalled"
+
+
 @given(st.lists(st.tuples(st.integers(-2, 5), st.booleans(), st.floats(0, 20)), max_size=60))
 def test_stalls_and_resumes_alternate(steps: list[tuple[int, bool, float]]) -> None:
     """Whatever the fetches, a partition is reported stalled once until it resumes, and only
@@ -142,6 +152,56 @@ def test_lag_of_a_partition_handed_nothing(
             0) in said  # fmt: skip
     assert (logging.INFO, "consumer resumed", 0) in said
     assert all(partition == 0 for _, _, partition in said)
+
+
+async def _moved(bootstrap: str, prefix: str) -> None:
+    """p0 is read here, revoked, grows while another member reads it, and comes back."""
+    topic = prefix + "moved"
+    await kafka.ensure_topics(CommonSettings(kafka_bootstrap=bootstrap, partitions=2), {topic: {}})
+    p0, p1 = TopicPartition(topic, 0), TopicPartition(topic, 1)
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap)
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, fetch_max_wait_ms=5)
+    await producer.start()
+    await consumer.start()
+    watch = LagWatch("lagtest", stall_s=0.2)
+    try:
+        for i in range(10):
+            await producer.send_and_wait(topic, b"%d" % i, partition=0)
+        consumer.assign([p0, p1])
+        await consumer.seek_to_beginning(p0, p1)
+        got = 0
+        while got < 10:
+            batches = await consumer.getmany(p0, timeout_ms=1000)
+            watch.fetched(consumer, batches, time.monotonic())
+            got += sum(len(r) for r in batches.values())
+        assert _lag(topic, 0) == 0
+
+        consumer.assign([p1])  # revoked
+        watch.fetched(consumer, await consumer.getmany(timeout_ms=50), time.monotonic())
+        assert _lag(topic, 0) is None  # the new owner's to show, not this one's last value
+
+        for i in range(5):  # read by the other member meanwhile
+            await producer.send_and_wait(topic, b"there %d" % i, partition=0)
+        consumer.assign([p0, p1])  # back, where the other member left off
+        consumer.seek(p0, 15)
+        deadline = time.monotonic() + 10
+        while consumer.highwater(p0) != 15 and time.monotonic() < deadline:
+            watch.fetched(consumer, await consumer.getmany(timeout_ms=50), time.monotonic())
+        assert consumer.highwater(p0) == 15
+        await asyncio.sleep(0.3)  # longer than stall_s, with nothing to hand out
+        watch.fetched(consumer, await consumer.getmany(timeout_ms=50), time.monotonic())
+        assert _lag(topic, 0) is None  # not 5 behind from where this member stopped
+    finally:
+        await consumer.stop()
+        await producer.stop()
+
+
+def test_a_partition_that_moves_away_and_back(
+    kafka_bootstrap: str, topic_prefix: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.INFO, logger="services.common.lag"):
+        asyncio.run(_moved(kafka_bootstrap, topic_prefix))
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]  # no false stall
 
 
 def _lags(service: str, topic: str) -> list[float]:

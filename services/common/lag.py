@@ -10,6 +10,7 @@ out for `stall_s` is logged once, and again once records flow.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Mapping, Sequence
 from typing import Literal
@@ -47,6 +48,11 @@ class StallWatch:
             return "stalled"
         return None
 
+    def forget(self, tp: TopicPartition) -> None:
+        """A partition no longer read here: if it comes back, it is timed afresh."""
+        self._behind_since.pop(tp, None)
+        self._stalled.discard(tp)
+
 
 class LagWatch:
     """The lag gauge and stall log of one stage's consumer (`fetched` after every getmany)."""
@@ -65,7 +71,15 @@ class LagWatch:
         for tp, records in batches.items():
             if records:
                 self._next[tp] = records[-1].offset + 1
-        for tp in consumer.assignment():
+        assigned = consumer.assignment()
+        for tp in [tp for tp in self._next if tp not in assigned]:
+            # Revoked: another member reads it now. Where this one stopped says nothing of
+            # where reading resumes if it comes back, and its lag is the new owner's to show.
+            del self._next[tp]
+            self.stalls.forget(tp)
+            with contextlib.suppress(KeyError):
+                CONSUMER_LAG.remove(self.service, tp.topic, str(tp.partition))
+        for tp in assigned:
             end, after = consumer.highwater(tp), self._next.get(tp)
             if end is None or after is None:
                 continue  # nothing known yet: no fetch answered, or nothing handed out
