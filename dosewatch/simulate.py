@@ -416,6 +416,7 @@ async def stream(
     http_url: str | None = None,
     config: SimConfig | None = None,
     stop_event: asyncio.Event | None = None,
+    gate: asyncio.Lock | None = None,
 ) -> SimStats:
     """Send simulated patrols to `settings.topic_raw` (keyed by unit) or, with `http_url`, to
     the HTTP intake, until `duration_s` of wall time passes or `stop_event` is set.
@@ -423,7 +424,10 @@ async def stream(
     `rate` is pings per second overall; `interval_s`, if given, is each unit's report interval
     instead. Both are wall time. `speed` compresses the patrols: each ping is stamped with the
     wall time it is sent at (ingest refuses future timestamps), so at speed 10 a 15-minute stop
-    lasts 90 s on the clock."""
+    lasts 90 s on the clock.
+
+    Each send holds `gate`, if given: whoever takes it (a broker rollover) holds the pings
+    back, and they go out afterwards with the times they were made at."""
     if units < 1 or speed <= 0 or rate <= 0 or (interval_s is not None and interval_s <= 0):
         raise SimulateError("units, rate, interval and speed must be positive")
     wall_interval = interval_s if interval_s is not None else units / rate
@@ -443,7 +447,7 @@ async def stream(
             # Send what is due before waiting for the next; a send takes a round trip, so at
             # high rates batches grow by themselves.
             if wait > 0 or len(batch) >= 1000:
-                stats.rejected += await sink.send(batch)
+                stats.rejected += await _send(sink, batch, gate)
                 batch = []
                 wait = offset_ms / 1000 - (time.monotonic() - t0)
                 if wait > 0:
@@ -459,7 +463,7 @@ async def stream(
             stats.sent += 1
             if fix.fault is not None:
                 stats.faults[fix.fault] += 1
-        stats.rejected += await sink.send(batch)
+        stats.rejected += await _send(sink, batch, gate)
     finally:
         stats.seconds = time.monotonic() - t0
         await sink.stop()
@@ -472,6 +476,14 @@ async def _stopped(event: asyncio.Event, timeout: float) -> bool:
     except TimeoutError:
         return False
     return True
+
+
+async def _send(sink: _KafkaSink | _HttpSink, batch: list[dict[str, Any]],
+                gate: asyncio.Lock | None) -> int:  # fmt: skip
+    if gate is None:
+        return await sink.send(batch)
+    async with gate:
+        return await sink.send(batch)
 
 
 class _KafkaSink:

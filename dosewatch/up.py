@@ -11,7 +11,6 @@ process. With the embedded database it also keeps a development admin key in
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import signal
@@ -23,17 +22,17 @@ from pydantic import Field, SecretStr
 
 from dosewatch import simulate
 from dosewatch.demo import make_zones
+from dosewatch.stack import Stack
 from services.api import keys
-from services.api.service import ApiService
 from services.api.settings import ApiSettings
 from services.common import db
 from services.common.embedded import EmbeddedKafka, EmbeddedPostgres, free_port
 from services.common.runner import settle_gc
 from services.common.settings import CommonSettings
 from services.common.zonestore import import_zones
-from services.dosage.service import DosageService, DosageSettings
-from services.geofence.service import GeofenceService, GeofenceSettings
-from services.ingest.service import IngestService, IngestSettings
+from services.dosage.service import DosageSettings
+from services.geofence.service import GeofenceSettings
+from services.ingest.service import IngestSettings
 
 log = logging.getLogger("dosewatch.up")
 
@@ -43,6 +42,10 @@ EMBEDDED_FETCH_MAX_WAIT_MS = 50
 
 class UpSettings(CommonSettings):
     embedded_kafka_port: int = Field(9092, ge=1, le=65535)
+    # Past this many records in a partition, move to a fresh embedded broker (0: never): its
+    # hops slow with the batches a partition holds (`rollover`). At the demo's rate, hourly.
+    embedded_kafka_rollover_records: int = Field(20_000, ge=0)
+    embedded_kafka_rollover_check_s: float = Field(15.0, gt=0)
     embedded_postgres_port: int = Field(0, ge=0, le=65535)  # 0: any free port
     api_port: int = Field(8000, ge=0, le=65535)
 
@@ -56,7 +59,7 @@ async def up(state_dir: Path, demo: bool, speed: float, units: int, zones: int) 
         loop.add_signal_handler(sig, stop.set)
     embedded: list[EmbeddedKafka | EmbeddedPostgres] = []
     services: list[Any] = []
-    tasks: list[asyncio.Task[None]] = []
+    stack: Stack | None = None
     try:
         if "DOSEWATCH_KAFKA_BOOTSTRAP" not in os.environ:
             broker = EmbeddedKafka(settings.embedded_kafka_port, state_dir / "tansu.log")
@@ -105,21 +108,22 @@ async def up(state_dir: Path, demo: bool, speed: float, units: int, zones: int) 
                     raise RuntimeError(f"demo zones invalid: {errors[:3]}")
         finally:
             await conn.close()
-        shared = settings.model_dump(
-            exclude={"embedded_kafka_port", "embedded_postgres_port", "api_port"}
-        )
-        services = [
-            IngestService(IngestSettings(**shared)),
-            GeofenceService(GeofenceSettings(**shared)),
-            DosageService(DosageSettings(**shared)),
-            ApiService(ApiSettings(**shared, api_port=settings.api_port)),
-        ]
-        for service in services:
-            await service.start()
-            tasks.append(asyncio.create_task(service.run()))
+        shared = settings.model_dump(exclude=set(UpSettings.model_fields)
+                                     - set(CommonSettings.model_fields))  # fmt: skip
+        kafka_server = next((e for e in embedded if isinstance(e, EmbeddedKafka)), None)
+        stack = Stack(IngestSettings(**shared), GeofenceSettings(**shared),
+                      DosageSettings(**shared), ApiSettings(**shared, api_port=settings.api_port),
+                      kafka_server)  # fmt: skip
+        await stack.start()
+        services = stack.services
         settle_gc()
         if demo:
-            tasks.append(asyncio.create_task(_stream_demo(settings, speed, units, zones)))
+            stack.supervise(asyncio.create_task(
+                _stream_demo(settings, speed, units, zones, stack.gate)))  # fmt: skip
+        if kafka_server is not None and settings.embedded_kafka_rollover_records:
+            stack.supervise(asyncio.create_task(stack.watch_broker(
+                settings.embedded_kafka_rollover_records,
+                settings.embedded_kafka_rollover_check_s)))  # fmt: skip
         ports = ", ".join(f"{s.name} http://127.0.0.1:{s.http.port}" for s in services)
         key = f"; admin key in {admin_key}" if admin_key else ""
         kafka = (
@@ -132,19 +136,16 @@ async def up(state_dir: Path, demo: bool, speed: float, units: int, zones: int) 
             # The key rides in the fragment, which the browser never sends to a server.
             console += "#key=" + console_key.read_text().strip()
         print(f"console (dispatcher): {console}", flush=True)
+        assert stack.failed is not None
         waiter = asyncio.create_task(stop.wait())
-        done, _ = await asyncio.wait([waiter, *tasks], return_when=asyncio.FIRST_COMPLETED)
-        for task in done:
-            if task is not waiter and task.exception() is not None:
-                raise task.exception()  # type: ignore[misc]
+        failed: asyncio.Future[Any] = stack.failed
+        await asyncio.wait([waiter, failed], return_when=asyncio.FIRST_COMPLETED)
+        waiter.cancel()
+        if stack.failed.done():
+            raise stack.failed.result()
     finally:
-        for task in tasks:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
-        for service in reversed(services):
-            with contextlib.suppress(Exception):
-                await service.stop()
+        if stack is not None:
+            await stack.stop()
         for server in reversed(embedded):
             await server.stop()
         if embedded or services:  # not when the first thing it started could not start
@@ -165,8 +166,10 @@ async def _dev_key(conn: asyncpg.Connection, state_dir: Path, role: str) -> Path
     return path
 
 
-async def _stream_demo(settings: UpSettings, speed: float, units: int, zones: int) -> None:
+async def _stream_demo(
+    settings: UpSettings, speed: float, units: int, zones: int, gate: asyncio.Lock
+) -> None:
     """The demo city's patrols, from the simulator, as live AVL input (a report every 5 s per
     unit, stamped with wall time; `speed` compresses the patrols)."""
     await simulate.stream(settings, make_zones(7, zones), seed=7, units=units, interval_s=5.0,
-                          speed=speed)  # fmt: skip
+                          speed=speed, gate=gate)  # fmt: skip

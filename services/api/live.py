@@ -59,11 +59,17 @@ class LiveFeed:
         self.lag = LagWatch("api", ctx.settings.consumer_stall_s)
 
     async def start(self) -> None:
-        s = self.ctx.settings
         await self.load_zones()
         await self._connect_listener()
+        await self.connect()
+
+    async def connect(self, pings_from_start: bool = False) -> None:
+        """Read the broker: statuses from the beginning, pings from now on (or, on a broker
+        that is new, from its beginning). The view held so far stays; what is read updates it."""
+        s = self.ctx.settings
         status_topic, pings_topic = s.topic("dosage.zone-status"), s.topic_pings
         await kafka.ensure_topics(s, {status_topic: kafka.COMPACTED, pings_topic: {}})
+        self.lag = LagWatch("api", s.consumer_stall_s)  # offsets start afresh with a consumer
         self.consumer = kafka.reader(s)
         await self.consumer.start()
         await self.consumer.topics()  # metadata for every topic
@@ -73,7 +79,7 @@ class LiveFeed:
             parts += [TopicPartition(topic, p) for p in sorted(found)]
         self.consumer.assign(parts)
         for tp in parts:
-            if tp.topic == status_topic:
+            if tp.topic == status_topic or pings_from_start:
                 await self.consumer.seek_to_beginning(tp)
             else:
                 await self.consumer.seek_to_end(tp)
@@ -198,9 +204,14 @@ class LiveFeed:
                 self._zones_changed.set()
                 await asyncio.sleep(1.0)
 
-    async def stop(self) -> None:
+    async def disconnect(self) -> None:
+        """Let go of the broker (`run` must have stopped); the view is kept for `connect`."""
         if self.consumer is not None:
             await self.consumer.stop()
+            self.consumer = None
+
+    async def stop(self) -> None:
+        await self.disconnect()
         if self._listen is not None:
             with contextlib.suppress(Exception):
                 await self._listen.close()

@@ -87,6 +87,18 @@ def reader(settings: CommonSettings) -> AIOKafkaConsumer:
     )
 
 
+def group_reader(settings: CommonSettings, group_id: str) -> AIOKafkaConsumer:
+    """A consumer that reads a group's committed offsets without joining it (`assign` only),
+    and hands out whole records, headers included."""
+    return AIOKafkaConsumer(
+        bootstrap_servers=settings.kafka_bootstrap,
+        group_id=settings.topic_prefix + group_id,
+        enable_auto_commit=False,
+        fetch_max_wait_ms=max(1, settings.fetch_max_wait_ms),
+        **_security(settings),
+    )
+
+
 async def ensure_topics(settings: CommonSettings, topics: dict[str, dict[str, str]]) -> None:
     """Create what is missing (when allowed); an existing topic is left as it is."""
     if not settings.create_topics:

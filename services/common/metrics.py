@@ -34,3 +34,8 @@ SAVE_WAIT = Counter(
     ["service"],
 )
 DB_RETRIES = Counter("dosewatch_db_retries_total", "Database operations retried", ["service"])
+BROKER_ROLLOVERS = Counter(
+    "dosewatch_embedded_broker_rollovers_total",
+    "`dosewatch up` moving to a fresh embedded broker (done, or abandoned and resumed)",
+    ["outcome"],
+)

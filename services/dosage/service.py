@@ -63,10 +63,13 @@ class Output:
 class DosageService(StatefulService):
     name = "dosage"
 
-    def __init__(self, settings: DosageSettings) -> None:
+    def __init__(self, settings: DosageSettings, *, republish: bool = False) -> None:
         super().__init__(settings, settings.topic_visits, settings.group_id, settings.wall_clock,
                          settings.tick_s)  # fmt: skip
         self.dsettings = settings
+        # Once assigned, publish every owned zone's status again: the status topic was lost
+        # (a fresh broker), and the API rebuilds its view from that topic when it starts.
+        self.republish = republish
         self.calendar = ShiftCalendar(settings.tz, parse_shift_starts(settings.shifts))
         self.rules: dict[str, ZoneRules] = {}
         self.boards: dict[int, ZoneBoard] = {}
@@ -123,6 +126,26 @@ class DosageService(StatefulService):
 
     def drop_partition(self, partition: int) -> None:
         self.boards.pop(partition, None)
+
+    async def assign(self, partitions: list[int]) -> None:
+        await super().assign(partitions)
+        if self.republish:
+            self.republish = False
+            await self.publish(self._statuses(partitions))
+
+    def _statuses(self, partitions: list[int]) -> list[Output]:
+        """The current status of every zone these partitions own (every board holds every
+        zone's rules; a zone's visits, and so its status, go to the partition of its key)."""
+        assert self.consumer is not None
+        count = len(self.consumer.partitions_for_topic(self.topic) or ())
+        out = []
+        for p in partitions:
+            board = self.boards[p]
+            if board.clock is None:
+                continue  # nothing has happened here: no status was ever published
+            out += [Output(status=status_row(board.snapshot(zone_id))) for zone_id in board.zones
+                    if kafka.partition_for(zone_id.encode(), count) == p]  # fmt: skip
+        return out
 
     def partition_clock(self, partition: int) -> int | None:
         return self.boards[partition].clock

@@ -1,0 +1,120 @@
+"""Rolling `dosewatch up` over to a fresh embedded broker, before its history slows it down.
+
+The embedded broker (Tansu, in memory) lists every batch a partition has held on each fetch,
+so its hops slow as topics grow, and past about 90,000 batches it delivers nothing
+(docs/performance.md, "Tenth round"). It keeps no retention and refuses DeleteRecords, so
+the only way to a short log is a new broker. `stack.Stack.roll_over` drains the stages,
+starts one, and resumes every stage where it was: state stays in PostgreSQL, and saved
+offsets restart at 0 because the new topics are empty.
+
+These are its broker-side steps. A partition's end offset counts its records, and a batch
+holds at least one, so the largest end offset bounds the batches any fetch has to list.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import asyncpg
+from aiokafka import TopicPartition
+
+from services.common import kafka
+from services.common.settings import CommonSettings
+
+
+@dataclass(frozen=True, slots=True)
+class TailRecord:
+    """A record that was on the old broker and no stage had read: it is produced again."""
+
+    partition: int
+    key: bytes | None
+    value: bytes | None
+    timestamp_ms: int
+    headers: tuple[tuple[str, bytes], ...]
+
+
+def largest(ends: Mapping[TopicPartition, int]) -> tuple[TopicPartition | None, int]:
+    """The partition holding the most records, and how many (None, 0 for no partitions)."""
+    if not ends:
+        return None, 0
+    tp = max(ends, key=lambda t: (ends[t], t.topic, t.partition))
+    return tp, ends[tp]
+
+
+async def end_offsets(settings: CommonSettings, topics: list[str]) -> dict[TopicPartition, int]:
+    """Each partition's end offset, for the topics that exist."""
+    consumer = kafka.reader(settings)
+    await consumer.start()
+    try:
+        await consumer.topics()
+        parts = [
+            TopicPartition(t, p) for t in topics for p in consumer.partitions_for_topic(t) or ()
+        ]
+        return dict(await consumer.end_offsets(parts)) if parts else {}
+    finally:
+        await consumer.stop()
+
+
+async def read_tail(
+    settings: CommonSettings, group_id: str, topic: str, timeout_s: float = 30.0
+) -> list[TailRecord]:
+    """What `group_id` has not committed on `topic`, in order per partition. What it did
+    commit was consumed; anything past its last commit may have been too, and is read again
+    (the rules drop repeated pings)."""
+    consumer = kafka.group_reader(settings, group_id)
+    await consumer.start()
+    try:
+        await consumer.topics()
+        found = sorted(consumer.partitions_for_topic(topic) or ())
+        parts = [TopicPartition(topic, p) for p in found]
+        if not parts:
+            return []
+        consumer.assign(parts)
+        for tp in parts:
+            committed = await consumer.committed(tp)
+            if committed is None:
+                await consumer.seek_to_beginning(tp)
+            else:
+                consumer.seek(tp, committed)
+        tail: list[TailRecord] = []
+        ends: dict[TopicPartition, int] = {}
+        async with asyncio.timeout(timeout_s):
+            # Until the ends stand still: a producer outside this process may still write.
+            while (newer := await consumer.end_offsets(parts)) != ends:
+                ends = newer
+                while any([await consumer.position(tp) < ends[tp] for tp in parts]):
+                    for tp, records in (await consumer.getmany(timeout_ms=200)).items():
+                        tail += [
+                            TailRecord(tp.partition, r.key, r.value, r.timestamp,
+                                       tuple(r.headers))
+                            for r in records
+                        ]  # fmt: skip
+        return tail
+    finally:
+        await consumer.stop()
+
+
+async def write_tail(settings: CommonSettings, topic: str, tail: list[TailRecord]) -> None:
+    """Produce the tail to the same partitions, in the same order, and wait for the acks."""
+    if not tail:
+        return
+    producer = kafka.producer(settings)
+    await producer.start()
+    try:
+        acks = [
+            await producer.send(topic, r.value, key=r.key, partition=r.partition,
+                                timestamp_ms=r.timestamp_ms, headers=list(r.headers))
+            for r in tail
+        ]  # fmt: skip
+        await asyncio.gather(*acks)
+    finally:
+        await producer.stop()
+
+
+async def restart_offsets(conn: asyncpg.Connection) -> int:
+    """Saved offsets point into the old broker's topics; the new ones start at 0. Returns how
+    many were reset."""
+    result = await conn.execute("UPDATE consumer_offsets SET next_offset = 0")
+    return int(result.split()[-1])

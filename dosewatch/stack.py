@@ -1,0 +1,235 @@
+"""The stages of `dosewatch up` as one unit: started in order, stopped in reverse, and rolled
+over to a fresh embedded broker when its topics grow (`rollover`)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import gc
+import logging
+import time
+from typing import Any
+
+import asyncpg
+
+from dosewatch import rollover
+from services.api.service import ApiService
+from services.api.settings import ApiSettings
+from services.common import kafka
+from services.common.embedded import EmbeddedKafka
+from services.common.metrics import BROKER_ROLLOVERS
+from services.common.runner import settle_gc
+from services.dosage.service import DosageService, DosageSettings
+from services.geofence.service import GeofenceService, GeofenceSettings
+from services.ingest.service import IngestService, IngestSettings
+
+log = logging.getLogger("dosewatch.stack")
+
+STAGES = ("ingest", "geofence", "dosage")
+DRAIN_TIMEOUT_S = 60.0
+DRAIN_MARGIN_MS = 20
+
+
+class _ExpectedLoss(logging.Filter):
+    """Kafka clients that outlive a broker swap (the demo feed's producer) log losing it as
+    an error; during the swap that is expected, so it is logged as info."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno >= logging.ERROR:
+            record.levelno, record.levelname = logging.INFO, "INFO"
+        return True
+
+
+class RolloverAbandoned(RuntimeError):
+    """A stage did not catch up in time; the stack resumed on the broker it had."""
+
+
+class Stack:
+    def __init__(
+        self,
+        ingest: IngestSettings,
+        geofence: GeofenceSettings,
+        dosage: DosageSettings,
+        api: ApiSettings,
+        broker: EmbeddedKafka | None = None,
+    ) -> None:
+        self.ingest_settings = ingest
+        self._settings: dict[str, Any] = {"ingest": ingest, "geofence": geofence,
+                                          "dosage": dosage}  # fmt: skip
+        self.api = ApiService(api)
+        self.broker = broker
+        self.stages: dict[str, Any] = {}
+        self._ports: dict[str, int] = {}  # a stage started again keeps its HTTP address
+        self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._supervised: list[asyncio.Task[Any]] = []
+        # Set to the error of the first task to end on its own (they run until stopped).
+        self.failed: asyncio.Future[BaseException] | None = None
+        # Producers in this process (the demo feed) send under it; a rollover holds it.
+        self.gate = asyncio.Lock()
+
+    @property
+    def services(self) -> list[Any]:
+        return [*self.stages.values(), self.api]
+
+    async def start(self) -> None:
+        self.failed = asyncio.get_running_loop().create_future()
+        for name in STAGES:
+            await self._start(name)
+        await self.api.start()
+        self._run("api", self.api)
+
+    async def stop(self) -> None:
+        for task in self._supervised:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        for name in list(self._tasks):
+            await self._cancel(name)
+        with contextlib.suppress(Exception):
+            await self.api.stop()
+        for name in reversed(STAGES):
+            with contextlib.suppress(Exception):
+                await self._halt(name)
+
+    def supervise(self, task: asyncio.Task[Any]) -> None:
+        """A task of the stack's (the demo feed, the broker watch): its failure is the stack's,
+        and it is cancelled with the stack."""
+        task.add_done_callback(self._ended)
+        self._supervised.append(task)
+
+    # -- the rollover -----------------------------------------------------------------------
+
+    async def watch_broker(self, limit: int, every_s: float) -> None:
+        """Roll over once any partition holds `limit` records (a bound on its batches)."""
+        s = self.ingest_settings
+        topics = [s.topic_raw, s.topic_pings, s.topic_dlq, s.topic_visits, s.topic_status,
+                  s.topic_audit]  # fmt: skip
+        while True:
+            await asyncio.sleep(every_s)
+            try:
+                ends = await rollover.end_offsets(s, topics)
+            except Exception as exc:  # aiokafka's errors share no useful base; asked again
+                log.warning("broker size unknown", extra={"error": repr(exc)})
+                continue
+            tp, records = rollover.largest(ends)
+            if tp is None or records < limit:
+                continue
+            where = {"topic": tp.topic, "partition": tp.partition, "records": records}
+            log.info("rolling the embedded broker over", extra=where)
+            try:
+                paused_s, tail = await self.roll_over()
+            except RolloverAbandoned as exc:
+                BROKER_ROLLOVERS.labels("abandoned").inc()
+                log.error("broker rollover abandoned", extra={"reason": str(exc)})
+                continue
+            BROKER_ROLLOVERS.labels("done").inc()
+            log.info("embedded broker rolled over",
+                     extra={"paused_s": round(paused_s, 3), "tail_records": tail})  # fmt: skip
+
+    async def roll_over(self) -> tuple[float, int]:
+        """Drain the stages, start a new broker, resume them on it with their state.
+
+        Ingest stops first, so its input stands still; each stage downstream then reads to the
+        end and saves. Raw records ingest had not committed are carried over. The API keeps
+        serving (and its websockets stay open) while its feed lets go of the old broker and
+        reads the new one; dosage publishes every zone's status again for the status topic.
+        Returns the seconds input stood still and the raw records carried over."""
+        assert self.broker is not None, "only the embedded broker is rolled over"
+        started = time.monotonic()
+        async with self.gate:
+            await self._halt("ingest")
+            try:
+                for name in ("geofence", "dosage"):
+                    await self._drain(name)
+                    await self._halt(name)
+            except TimeoutError:
+                for name in STAGES:
+                    if name not in self.stages:
+                        await self._start(name)
+                raise RolloverAbandoned(
+                    f"a stage did not read to the end in {DRAIN_TIMEOUT_S:.0f} s"
+                ) from None
+            await self._cancel("api")
+            assert self.api.feed is not None
+            await self.api.feed.disconnect()
+            drained = time.monotonic()
+            s = self.ingest_settings
+            tail = await rollover.read_tail(s, s.group_id, s.topic_raw)
+            # The old stages' objects were frozen with the process (settle_gc): thawed, the
+            # collector can free them.
+            gc.unfreeze()
+            expected = _ExpectedLoss()
+            logging.getLogger("aiokafka").addFilter(expected)
+            try:
+                await self.broker.restart()
+            finally:
+                logging.getLogger("aiokafka").removeFilter(expected)
+            conn = await asyncpg.connect(s.database_url.get_secret_value())
+            try:
+                await rollover.restart_offsets(conn)
+            finally:
+                await conn.close()
+            await kafka.ensure_topics(s, {s.topic_raw: {}})
+            await rollover.write_tail(s, s.topic_raw, tail)
+            swapped = time.monotonic()
+            # Together: each start waits about 2 s for its group to form.
+            await asyncio.gather(self._start("geofence"), self._start("dosage", republish=True),
+                                 self._start("ingest"), self.api.feed.connect(True))  # fmt: skip
+            self._run("api", self.api)
+            settle_gc()
+        log.info("broker rollover steps", extra={
+            "drain_s": round(drained - started, 3), "swap_s": round(swapped - drained, 3),
+            "start_s": round(time.monotonic() - swapped, 3)})  # fmt: skip
+        return time.monotonic() - started, len(tail)
+
+    async def _drain(self, name: str) -> None:
+        """Wait until a stage has read its input to the end; call it once what writes that
+        input has stopped."""
+        stage = self.stages[name]
+        # An answer received just after now may have been made just before it.
+        since_ms = time.time() * 1000 + DRAIN_MARGIN_MS
+        async with asyncio.timeout(DRAIN_TIMEOUT_S):
+            while not await stage.drained(since_ms):
+                await asyncio.sleep(0.05)
+
+    # -- stages -----------------------------------------------------------------------------
+
+    async def _start(self, name: str, republish: bool = False) -> None:
+        settings = self._settings[name]
+        if name in self._ports:
+            settings = settings.model_copy(update={"http_port": self._ports[name]})
+        stage: Any
+        if name == "ingest":
+            stage = IngestService(settings)
+        elif name == "geofence":
+            stage = GeofenceService(settings)
+        else:
+            stage = DosageService(settings, republish=republish)
+        await stage.start()
+        self.stages[name] = stage
+        self._ports[name] = stage.http.port
+        self._run(name, stage)
+
+    async def _halt(self, name: str) -> None:
+        await self._cancel(name)
+        stage = self.stages.pop(name, None)
+        if stage is not None:
+            await stage.stop()
+
+    def _run(self, name: str, service: Any) -> None:
+        task = asyncio.create_task(service.run(), name=name)
+        task.add_done_callback(self._ended)
+        self._tasks[name] = task
+
+    async def _cancel(self, name: str) -> None:
+        task = self._tasks.pop(name, None)
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+
+    def _ended(self, task: asyncio.Task[Any]) -> None:
+        if task.cancelled() or self.failed is None or self.failed.done():
+            return
+        exc = task.exception()
+        self.failed.set_result(exc or RuntimeError(f"{task.get_name()} ended"))
