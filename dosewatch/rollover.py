@@ -14,6 +14,7 @@ holds at least one, so the largest end offset bounds the batches any fetch has t
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -58,11 +59,15 @@ async def end_offsets(settings: CommonSettings, topics: list[str]) -> dict[Topic
 
 
 async def read_tail(
-    settings: CommonSettings, group_id: str, topic: str, timeout_s: float = 30.0
+    settings: CommonSettings, group_id: str, topic: str, timeout_s: float = 30.0, rounds: int = 10
 ) -> list[TailRecord]:
     """What `group_id` has not committed on `topic`, in order per partition. What it did
     commit was consumed; anything past its last commit may have been too, and is read again
-    (the rules drop repeated pings)."""
+    (the rules drop repeated pings).
+
+    A producer outside the process may still be writing: reading goes on while a round finds
+    more, up to `rounds`, and the caller replaces the broker at once. What such a producer
+    gets acknowledged after the last fetch is lost with the old broker."""
     consumer = kafka.group_reader(settings, group_id)
     await consumer.start()
     try:
@@ -79,35 +84,44 @@ async def read_tail(
             else:
                 consumer.seek(tp, committed)
         tail: list[TailRecord] = []
-        ends: dict[TopicPartition, int] = {}
         async with asyncio.timeout(timeout_s):
-            # Until the ends stand still: a producer outside this process may still write.
-            while (newer := await consumer.end_offsets(parts)) != ends:
-                ends = newer
-                while any([await consumer.position(tp) < ends[tp] for tp in parts]):
-                    for tp, records in (await consumer.getmany(timeout_ms=200)).items():
+            for _ in range(rounds):
+                since_ms, before = time.time() * 1000, len(tail)
+                while not await kafka.caught_up(consumer, since_ms):
+                    for tp, records in (await consumer.getmany(timeout_ms=100)).items():
                         tail += [
                             TailRecord(tp.partition, r.key, r.value, r.timestamp,
                                        tuple(r.headers))
                             for r in records
                         ]  # fmt: skip
+                if len(tail) == before:
+                    break
         return tail
     finally:
         await consumer.stop()
 
 
 async def write_tail(settings: CommonSettings, topic: str, tail: list[TailRecord]) -> None:
-    """Produce the tail to the same partitions, in the same order, and wait for the acks."""
+    """Produce the tail to the same partitions, in the same order, a batch at a time, and wait
+    for the acks."""
     if not tail:
         return
     producer = kafka.producer(settings)
     await producer.start()
     try:
-        acks = [
-            await producer.send(topic, r.value, key=r.key, partition=r.partition,
-                                timestamp_ms=r.timestamp_ms, headers=list(r.headers))
-            for r in tail
-        ]  # fmt: skip
+        acks = []
+        for partition in sorted({r.partition for r in tail}):
+            batch = producer.create_batch()
+            for r in (r for r in tail if r.partition == partition):
+                if batch.append(key=r.key, value=r.value, timestamp=r.timestamp_ms,
+                                headers=list(r.headers)) is None:  # fmt: skip
+                    batch.close()
+                    acks.append(await producer.send_batch(batch, topic, partition=partition))
+                    batch = producer.create_batch()
+                    batch.append(key=r.key, value=r.value, timestamp=r.timestamp_ms,
+                                 headers=list(r.headers))  # fmt: skip
+            batch.close()
+            acks.append(await producer.send_batch(batch, topic, partition=partition))
         await asyncio.gather(*acks)
     finally:
         await producer.stop()

@@ -130,66 +130,89 @@ class Stack:
         """Drain the stages, start a new broker, resume them on it with their state.
 
         Ingest stops first, so its input stands still; each stage downstream then reads to the
-        end and saves. Raw records ingest had not committed are carried over. The API keeps
-        serving (and its websockets stay open) while its feed lets go of the old broker and
-        reads the new one; dosage publishes every zone's status again for the status topic.
+        end and saves, and so does the API's feed. Raw records ingest had not committed are
+        carried over. The API keeps serving (and its websockets stay open) while its feed
+        lets go of the old broker and reads the new one; dosage publishes every zone's status
+        again for the status topic. Should anything not read to the end in time, everything
+        resumes on the old broker (`RolloverAbandoned`).
         Returns the seconds input stood still and the raw records carried over."""
         assert self.broker is not None, "only the embedded broker is rolled over"
         started = time.monotonic()
         async with self.gate:
-            await self._halt("ingest")
-            try:
-                for name in ("geofence", "dosage"):
-                    await self._drain(name)
-                    await self._halt(name)
-            except TimeoutError:
-                for name in STAGES:
-                    if name not in self.stages:
-                        await self._start(name)
-                raise RolloverAbandoned(
-                    f"a stage did not read to the end in {DRAIN_TIMEOUT_S:.0f} s"
-                ) from None
-            await self._cancel("api")
-            assert self.api.feed is not None
-            await self.api.feed.disconnect()
-            drained = time.monotonic()
-            s = self.ingest_settings
-            tail = await rollover.read_tail(s, s.group_id, s.topic_raw)
-            # The old stages' objects were frozen with the process (settle_gc): thawed, the
-            # collector can free them.
+            # The stages about to be replaced were frozen with the process (settle_gc):
+            # thawed, the collector can free them.
             gc.unfreeze()
-            expected = _ExpectedLoss()
-            logging.getLogger("aiokafka").addFilter(expected)
             try:
-                await self.broker.restart()
-            finally:
-                logging.getLogger("aiokafka").removeFilter(expected)
-            conn = await asyncpg.connect(s.database_url.get_secret_value())
-            try:
-                await rollover.restart_offsets(conn)
-            finally:
-                await conn.close()
-            await kafka.ensure_topics(s, {s.topic_raw: {}})
-            await rollover.write_tail(s, s.topic_raw, tail)
+                tail = await self._quiesce()
+            except TimeoutError:
+                await self._resume(new_broker=False)
+                settle_gc()
+                raise RolloverAbandoned(
+                    f"a reader did not reach the end in {DRAIN_TIMEOUT_S:.0f} s"
+                ) from None
+            quiet = time.monotonic()
+            await self._swap(tail)
             swapped = time.monotonic()
-            # Together: each start waits about 2 s for its group to form.
-            await asyncio.gather(self._start("geofence"), self._start("dosage", republish=True),
-                                 self._start("ingest"), self.api.feed.connect(True))  # fmt: skip
-            self._run("api", self.api)
+            await self._resume(new_broker=True)
             settle_gc()
         log.info("broker rollover steps", extra={
-            "drain_s": round(drained - started, 3), "swap_s": round(swapped - drained, 3),
+            "drain_s": round(quiet - started, 3), "swap_s": round(swapped - quiet, 3),
             "start_s": round(time.monotonic() - swapped, 3)})  # fmt: skip
         return time.monotonic() - started, len(tail)
 
-    async def _drain(self, name: str) -> None:
-        """Wait until a stage has read its input to the end; call it once what writes that
-        input has stopped."""
-        stage = self.stages[name]
+    async def _quiesce(self) -> list[rollover.TailRecord]:
+        """Stop everything in the process that reads or writes the broker, each once it has
+        read to the end; return the raw records ingest left."""
+        await self._halt("ingest")
+        for name in ("geofence", "dosage"):
+            await self._drain(self.stages[name])
+            await self._halt(name)
+        # The API's view too: pings and statuses it has not read would be lost to it.
+        assert self.api.feed is not None
+        await self._drain(self.api.feed)
+        await self._cancel("api")
+        await self.api.feed.disconnect()
+        s = self.ingest_settings
+        return await rollover.read_tail(s, s.group_id, s.topic_raw, DRAIN_TIMEOUT_S)
+
+    async def _swap(self, tail: list[rollover.TailRecord]) -> None:
+        """A new broker, saved offsets at its start, and the raw tail on it."""
+        assert self.broker is not None
+        expected = _ExpectedLoss()
+        logging.getLogger("aiokafka").addFilter(expected)
+        try:
+            await self.broker.restart()
+        finally:
+            logging.getLogger("aiokafka").removeFilter(expected)
+        s = self.ingest_settings
+        conn = await asyncpg.connect(s.database_url.get_secret_value())
+        try:
+            await rollover.restart_offsets(conn)
+        finally:
+            await conn.close()
+        await kafka.ensure_topics(s, {s.topic_raw: {}})
+        await rollover.write_tail(s, s.topic_raw, tail)
+
+    async def _resume(self, new_broker: bool) -> None:
+        """Start what `_quiesce` stopped. Together: each start waits about 2 s for its group
+        to form. On a new broker dosage publishes its statuses again, and the API reads the
+        pings topic from its start."""
+        assert self.api.feed is not None
+        starts = [self._start(name, republish=new_broker and name == "dosage")
+                  for name in STAGES if name not in self.stages]  # fmt: skip
+        if self.api.feed.consumer is None:
+            starts.append(self.api.feed.connect(pings_from_start=new_broker))
+        await asyncio.gather(*starts)
+        if "api" not in self._tasks:
+            self._run("api", self.api)
+
+    async def _drain(self, reader: Any) -> None:
+        """Wait until a stage (or the API's feed) has read its input to the end; call it once
+        what writes that input has stopped."""
         # An answer received just after now may have been made just before it.
         since_ms = time.time() * 1000 + DRAIN_MARGIN_MS
         async with asyncio.timeout(DRAIN_TIMEOUT_S):
-            while not await stage.drained(since_ms):
+            while not await reader.drained(since_ms):
                 await asyncio.sleep(0.05)
 
     # -- stages -----------------------------------------------------------------------------

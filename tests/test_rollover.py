@@ -13,7 +13,7 @@ import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from dosewatch import rollover
-from dosewatch.stack import Stack
+from dosewatch.stack import RolloverAbandoned, Stack
 from services.api.settings import ApiSettings
 from services.common import kafka
 from services.common.embedded import EmbeddedKafka, free_port
@@ -242,3 +242,61 @@ async def _send(bootstrap: str, topic: str, records: list[tuple[bytes, bytes]]) 
         await BatchProducer(producer).send(topic, records)
     finally:
         await producer.stop()
+
+
+def test_rollover_abandoned_resumes_on_the_old_broker(
+    database_url: str, topic_prefix: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A reader that does not reach the end in time (here the API's feed, made to time out)
+    abandons the rollover: the stages start again on the broker they had, nothing is lost,
+    and the output is still replay's."""
+    expected = replay_expected(tmp_path)
+    half = len(expected.lines) // 2
+    drain = Stack._drain
+
+    async def stuck_feed(self: Stack, reader: Any) -> None:
+        if reader is self.api.feed:
+            raise TimeoutError
+        await drain(self, reader)
+
+    async def scenario() -> dict[str, Any]:
+        await prepare_database(database_url)
+        broker = EmbeddedKafka(free_port())
+        await broker.start()
+        common: dict[str, Any] = {"kafka_bootstrap": broker.bootstrap,
+                                  "database_url": database_url, "topic_prefix": topic_prefix,
+                                  **TZ}  # fmt: skip
+        stack = Stack(IngestSettings(**common), GeofenceSettings(**common, wall_clock=False),
+                      DosageSettings(**common, wall_clock=False),
+                      ApiSettings(**common, api_port=0), broker)  # fmt: skip
+        raw = stack.ingest_settings.topic_raw
+        pool = await asyncpg.create_pool(database_url, min_size=1, max_size=2)
+        out: dict[str, Any] = {}
+        try:
+            await stack.start()
+            broker_pid = broker.proc.pid if broker.proc else None
+            await _send(broker.bootstrap, raw, keyed(expected.lines[:half]))
+            monkeypatch.setattr(Stack, "_drain", stuck_feed)
+            with pytest.raises(RolloverAbandoned):
+                await stack.roll_over()
+            monkeypatch.setattr(Stack, "_drain", drain)
+            out["same_broker"] = broker.proc is not None and broker.proc.pid == broker_pid
+            out["stages"] = sorted(stack.stages)
+            await _send(broker.bootstrap, raw, keyed(expected.lines[half:]))
+            await _wait_for(pool, "SELECT count(*) FROM visits", len(expected.visits))
+            await _wait_for(pool, "SELECT count(*) FROM zone_periods", len(expected.periods))
+            await asyncio.sleep(1.0)
+            out["visits"] = db_visits(list(await pool.fetch("SELECT * FROM visits")))
+            out["periods"] = db_periods(list(await pool.fetch("SELECT * FROM zone_periods")))
+            out["raw"] = len(await _read_all(broker.bootstrap, raw))
+        finally:
+            await pool.close()
+            await stack.stop()
+            await broker.stop()
+        return out
+
+    out = asyncio.run(scenario())
+    assert out["same_broker"] and out["stages"] == ["dosage", "geofence", "ingest"]
+    assert out["raw"] == len(expected.lines)  # the old broker's topic, whole
+    assert out["visits"] == expected.visits
+    assert out["periods"] == expected.periods

@@ -204,6 +204,11 @@ class LiveFeed:
                 self._zones_changed.set()
                 await asyncio.sleep(1.0)
 
+    async def drained(self, since_ms: float) -> bool:
+        """Whether the view holds every status and ping on the broker, as of `since_ms`."""
+        assert self.consumer is not None
+        return await kafka.caught_up(self.consumer, since_ms)
+
     async def disconnect(self) -> None:
         """Let go of the broker (`run` must have stopped); the view is kept for `connect`."""
         if self.consumer is not None:

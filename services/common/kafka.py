@@ -99,6 +99,24 @@ def group_reader(settings: CommonSettings, group_id: str) -> AIOKafkaConsumer:
     )
 
 
+async def caught_up(consumer: AIOKafkaConsumer, since_ms: float) -> bool:
+    """Whether the consumer has handed out every record of its partitions, as fetches answered
+    after `since_ms` (wall clock) see the log's end. False while it holds no partition.
+
+    The end is the fetch's high watermark, not a ListOffsets answer: the embedded broker
+    answers that with the last batch's first offset + 1."""
+    assigned = list(consumer.assignment())
+    if not assigned:
+        return False
+    for tp in assigned:
+        end, polled = consumer.highwater(tp), consumer.last_poll_timestamp(tp)
+        if end is None or polled is None or polled < since_ms:
+            return False
+        if await consumer.position(tp) < end:
+            return False
+    return True
+
+
 async def ensure_topics(settings: CommonSettings, topics: dict[str, dict[str, str]]) -> None:
     """Create what is missing (when allowed); an existing topic is left as it is."""
     if not settings.create_topics:

@@ -171,24 +171,10 @@ class StatefulService(abc.ABC):
         log.info("partitions assigned", extra={"partitions": partitions})
 
     async def drained(self, since_ms: float) -> bool:
-        """Whether every record of this member's partitions has been handed out (`stop` then
-        applies and saves the last batch), as fetches answered after `since_ms` (wall clock)
-        see the log's end. False while it holds no partition: it cannot tell.
-
-        The end is the fetch's high watermark, not a ListOffsets answer: the embedded broker
-        answers that with the last batch's first offset + 1."""
+        """Whether every record of this member's partitions has been handed out, as of
+        `since_ms` (`kafka.caught_up`); `stop` then applies and saves the last batch."""
         assert self.consumer is not None
-        consumer = self.consumer
-        assigned = list(consumer.assignment())
-        if not assigned:
-            return False
-        for tp in assigned:
-            end, polled = consumer.highwater(tp), consumer.last_poll_timestamp(tp)
-            if end is None or polled is None or polled < since_ms:
-                return False
-            if await consumer.position(tp) < end:
-                return False
-        return True
+        return await kafka.caught_up(self.consumer, since_ms)
 
     async def run(self) -> None:
         assert self.consumer is not None
