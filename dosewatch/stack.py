@@ -62,6 +62,7 @@ class Stack:
         self._ports: dict[str, int] = {}  # a stage started again keeps its HTTP address
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._supervised: list[asyncio.Task[Any]] = []
+        self._rolling: asyncio.Task[tuple[float, int]] | None = None
         # Set to the error of the first task to end on its own (they run until stopped).
         self.failed: asyncio.Future[BaseException] | None = None
         # Producers in this process (the demo feed) send under it; a rollover holds it.
@@ -83,6 +84,10 @@ class Stack:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
+        if self._rolling is not None:
+            # Cut short, a rollover would leave stages half started on a broker half replaced.
+            with contextlib.suppress(Exception):
+                await self._rolling
         for name in list(self._tasks):
             await self._cancel(name)
         with contextlib.suppress(Exception):
@@ -116,8 +121,10 @@ class Stack:
                 continue
             where = {"topic": tp.topic, "partition": tp.partition, "records": records}
             log.info("rolling the embedded broker over", extra=where)
+            # Shielded: a stop that comes meanwhile waits for it to finish (see `stop`).
+            self._rolling = asyncio.create_task(self.roll_over())
             try:
-                paused_s, tail = await self.roll_over()
+                paused_s, tail = await asyncio.shield(self._rolling)
             except RolloverAbandoned as exc:
                 BROKER_ROLLOVERS.labels("abandoned").inc()
                 log.error("broker rollover abandoned", extra={"reason": str(exc)})

@@ -195,7 +195,7 @@ def test_kill_9_leaves_no_orphans(state_dir: Path) -> None:
 def test_up_rolls_its_broker_over_and_keeps_going(state_dir: Path) -> None:
     """Past DOSEWATCH_EMBEDDED_KAFKA_ROLLOVER_RECORDS in a partition, `dosewatch up` moves to a
     fresh broker: the demo's statuses keep coming through the same API, twice over, with
-    nothing logged as an error."""
+    nothing logged as an error; Ctrl-C during a rollover still stops it cleanly."""
     env = {
         "DOSEWATCH_EMBEDDED_KAFKA_ROLLOVER_RECORDS": "60",
         "DOSEWATCH_EMBEDDED_KAFKA_ROLLOVER_CHECK_S": "1",
@@ -229,6 +229,15 @@ def test_up_rolls_its_broker_over_and_keeps_going(state_dir: Path) -> None:
         done = re.search(r'dosewatch_embedded_broker_rollovers_total\{outcome="done"\} (\S+)',
                          metrics)  # fmt: skip
         assert done is not None and float(done.group(1)) >= 2
+        # Stopped in the middle of a rollover: it finishes it, then stops in order.
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            lines.append(line)
+            if "rolling the embedded broker over" in line:
+                break
+        else:
+            raise AssertionError("no rollover began")
     finally:
         proc.send_signal(signal.SIGINT)
         rest, _ = proc.communicate(timeout=30)
