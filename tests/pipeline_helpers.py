@@ -142,8 +142,8 @@ def db_periods(records: list[Any]) -> list[dict[str, Any]]:
     return sorted(rows, key=lambda r: (r["zone_id"], r["period_start"]))
 
 
-async def send_fixes(bootstrap: str, topic: str, fixes: list[Fix]) -> None:
-    """Normalised pings straight onto `topic`, keyed by unit, as ingest would write them."""
+async def send_records(bootstrap: str, topic: str, records: list[tuple[bytes, bytes]]) -> None:
+    """Keyed records onto `topic`, a batch per partition, acked."""
     from aiokafka import AIOKafkaProducer
 
     from services.common.kafka import BatchProducer
@@ -151,8 +151,18 @@ async def send_fixes(bootstrap: str, topic: str, fixes: list[Fix]) -> None:
     producer = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=5)
     await producer.start()
     try:
-        await BatchProducer(producer).send(
-            topic, ((f.unit_id.encode(), ping_bytes(f)) for f in fixes)
-        )
+        await BatchProducer(producer).send(topic, records)
     finally:
         await producer.stop()
+
+
+async def send_fixes(bootstrap: str, topic: str, fixes: list[Fix]) -> None:
+    """Normalised pings straight onto `topic`, keyed by unit, as ingest would write them."""
+    await send_records(bootstrap, topic, [(f.unit_id.encode(), ping_bytes(f)) for f in fixes])
+
+
+async def wait_for(pool: asyncpg.Pool, sql: str, want: int, timeout_s: float = 90) -> None:
+    """Until the count `sql` returns reaches `want`."""
+    async with asyncio.timeout(timeout_s):
+        while await pool.fetchval(sql) < want:
+            await asyncio.sleep(0.2)

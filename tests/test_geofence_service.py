@@ -7,11 +7,9 @@ from pathlib import Path
 from typing import Any
 
 import orjson
-from aiokafka import AIOKafkaProducer
 from prometheus_client import REGISTRY
 
 from schemas.timefmt import format_ts
-from services.common.kafka import BatchProducer
 from services.dosage.core.tracker import Fix
 from services.geofence.service import GeofenceService, GeofenceSettings
 from tests.pipeline_helpers import (
@@ -22,16 +20,8 @@ from tests.pipeline_helpers import (
     replay_expected,
     sample_fixes,
     send_fixes,
+    send_records,
 )
-
-
-async def send_records(bootstrap: str, topic: str, records: list[tuple[bytes, bytes]]) -> None:
-    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=5)
-    await producer.start()
-    try:
-        await BatchProducer(producer).send(topic, records)
-    finally:
-        await producer.stop()
 
 
 def key(row: dict[str, Any]) -> tuple[str, str, str]:

@@ -21,13 +21,8 @@ from tests.pipeline_helpers import (
     keyed,
     prepare_database,
     replay_expected,
+    wait_for,
 )
-
-
-async def wait_for(pool: asyncpg.Pool, sql: str, want: int, timeout_s: float = 90) -> None:
-    async with asyncio.timeout(timeout_s):
-        while await pool.fetchval(sql) < want:
-            await asyncio.sleep(0.2)
 
 
 def test_pipeline_equals_replay(

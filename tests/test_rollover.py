@@ -17,18 +17,20 @@ from dosewatch.stack import RolloverAbandoned, Stack
 from services.api.settings import ApiSettings
 from services.common import kafka
 from services.common.embedded import EmbeddedKafka, free_port
-from services.common.kafka import BatchProducer
 from services.common.settings import CommonSettings
 from services.dosage.service import DosageSettings
 from services.geofence.service import GeofenceSettings
 from services.ingest.service import IngestSettings
 from tests.pipeline_helpers import (
     TZ,
+    Expected,
     db_periods,
     db_visits,
     keyed,
     prepare_database,
     replay_expected,
+    send_records,
+    wait_for,
 )
 
 A, B = "a", "b"
@@ -112,12 +114,6 @@ def test_tail_is_what_the_group_left_and_moves_whole(
     assert got == want
 
 
-async def _wait_for(pool: asyncpg.Pool, sql: str, want: int, timeout_s: float = 90) -> None:
-    async with asyncio.timeout(timeout_s):
-        while await pool.fetchval(sql) < want:
-            await asyncio.sleep(0.2)
-
-
 async def _read_all(bootstrap: str, topic: str) -> list[Any]:
     """Every record on `topic` now (to each partition's high watermark: the embedded broker's
     ListOffsets answers the last batch's first offset + 1)."""
@@ -153,6 +149,25 @@ async def _statuses(bootstrap: str, topic: str) -> dict[str, Any]:
     return {z: s for z, s in last.items() if s is not None}
 
 
+async def _output(pool: asyncpg.Pool, expected: Expected) -> tuple[list[Any], list[Any]]:
+    """Visits and zone periods once there are as many as replay made (and a second more, for
+    anything extra to show up), in replay's form."""
+    await wait_for(pool, "SELECT count(*) FROM visits", len(expected.visits))
+    await wait_for(pool, "SELECT count(*) FROM zone_periods", len(expected.periods))
+    await asyncio.sleep(1.0)
+    visits = db_visits(list(await pool.fetch("SELECT * FROM visits")))
+    return visits, db_periods(list(await pool.fetch("SELECT * FROM zone_periods")))
+
+
+def _stack(broker: EmbeddedKafka, database_url: str, topic_prefix: str) -> Stack:
+    """The stack on a broker of its own, the stages on event time, as replay runs."""
+    common: dict[str, Any] = {"kafka_bootstrap": broker.bootstrap, "database_url": database_url,
+                              "topic_prefix": topic_prefix, **TZ}  # fmt: skip
+    return Stack(IngestSettings(**common), GeofenceSettings(**common, wall_clock=False),
+                 DosageSettings(**common, wall_clock=False), ApiSettings(**common, api_port=0),
+                 broker)  # fmt: skip
+
+
 def test_rollover_midway_gives_what_one_broker_gives(
     database_url: str, topic_prefix: str, tmp_path: Path
 ) -> None:
@@ -166,35 +181,26 @@ def test_rollover_midway_gives_what_one_broker_gives(
         await prepare_database(database_url)
         broker = EmbeddedKafka(free_port())
         await broker.start()
-        common: dict[str, Any] = {"kafka_bootstrap": broker.bootstrap,
-                                  "database_url": database_url, "topic_prefix": topic_prefix,
-                                  **TZ}  # fmt: skip
-        stack = Stack(IngestSettings(**common), GeofenceSettings(**common, wall_clock=False),
-                      DosageSettings(**common, wall_clock=False),
-                      ApiSettings(**common, api_port=0), broker)  # fmt: skip
+        stack = _stack(broker, database_url, topic_prefix)
         raw = stack.ingest_settings.topic_raw
         status_topic = stack.ingest_settings.topic_status
         pool = await asyncpg.create_pool(database_url, min_size=1, max_size=2)
         out: dict[str, Any] = {}
         try:
             await stack.start()
-            await _send(broker.bootstrap, raw, keyed(expected.lines[:half]))
-            await _wait_for(pool, "SELECT count(*) FROM visits", 1)  # state to carry over
+            await send_records(broker.bootstrap, raw, keyed(expected.lines[:half]))
+            await wait_for(pool, "SELECT count(*) FROM visits", 1)  # state to carry over
             # A producer outside the process writes while ingest is stopped for the rollover:
             # the records it leaves on the old broker have to move.
             await stack._halt("ingest")
-            await _send(broker.bootstrap, raw, keyed(expected.lines[half:three_quarters]))
+            await send_records(broker.bootstrap, raw, keyed(expected.lines[half:three_quarters]))
             _paused, out["tail"] = await stack.roll_over()
             out["visits_at_rollover"] = await pool.fetchval("SELECT count(*) FROM visits")
             assert stack.api.ctx is not None
             out["book_at_rollover"] = _shown(stack.api.ctx.book.zones)
             out["raw_after"] = len(await _read_all(broker.bootstrap, raw))
-            await _send(broker.bootstrap, raw, keyed(expected.lines[three_quarters:]))
-            await _wait_for(pool, "SELECT count(*) FROM visits", len(expected.visits))
-            await _wait_for(pool, "SELECT count(*) FROM zone_periods", len(expected.periods))
-            await asyncio.sleep(1.0)  # anything extra would show up now
-            out["visits"] = db_visits(list(await pool.fetch("SELECT * FROM visits")))
-            out["periods"] = db_periods(list(await pool.fetch("SELECT * FROM zone_periods")))
+            await send_records(broker.bootstrap, raw, keyed(expected.lines[three_quarters:]))
+            out["visits"], out["periods"] = await _output(pool, expected)
             out["book"] = _shown(stack.api.ctx.book.zones)
             # Once more with nothing left to do: every status on the new topic comes from
             # dosage publishing them again, and a replica would build the view from them.
@@ -235,15 +241,6 @@ def _shown(book: dict[str, Any]) -> dict[str, Any]:
     return {z: s for z, s in book.items() if not s["as_of"].startswith("1970")}
 
 
-async def _send(bootstrap: str, topic: str, records: list[tuple[bytes, bytes]]) -> None:
-    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=5)
-    await producer.start()
-    try:
-        await BatchProducer(producer).send(topic, records)
-    finally:
-        await producer.stop()
-
-
 def test_rollover_abandoned_resumes_on_the_old_broker(
     database_url: str, topic_prefix: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -263,31 +260,22 @@ def test_rollover_abandoned_resumes_on_the_old_broker(
         await prepare_database(database_url)
         broker = EmbeddedKafka(free_port())
         await broker.start()
-        common: dict[str, Any] = {"kafka_bootstrap": broker.bootstrap,
-                                  "database_url": database_url, "topic_prefix": topic_prefix,
-                                  **TZ}  # fmt: skip
-        stack = Stack(IngestSettings(**common), GeofenceSettings(**common, wall_clock=False),
-                      DosageSettings(**common, wall_clock=False),
-                      ApiSettings(**common, api_port=0), broker)  # fmt: skip
+        stack = _stack(broker, database_url, topic_prefix)
         raw = stack.ingest_settings.topic_raw
         pool = await asyncpg.create_pool(database_url, min_size=1, max_size=2)
         out: dict[str, Any] = {}
         try:
             await stack.start()
             broker_pid = broker.proc.pid if broker.proc else None
-            await _send(broker.bootstrap, raw, keyed(expected.lines[:half]))
+            await send_records(broker.bootstrap, raw, keyed(expected.lines[:half]))
             monkeypatch.setattr(Stack, "_drain", stuck_feed)
             with pytest.raises(RolloverAbandoned):
                 await stack.roll_over()
             monkeypatch.setattr(Stack, "_drain", drain)
             out["same_broker"] = broker.proc is not None and broker.proc.pid == broker_pid
             out["stages"] = sorted(stack.stages)
-            await _send(broker.bootstrap, raw, keyed(expected.lines[half:]))
-            await _wait_for(pool, "SELECT count(*) FROM visits", len(expected.visits))
-            await _wait_for(pool, "SELECT count(*) FROM zone_periods", len(expected.periods))
-            await asyncio.sleep(1.0)
-            out["visits"] = db_visits(list(await pool.fetch("SELECT * FROM visits")))
-            out["periods"] = db_periods(list(await pool.fetch("SELECT * FROM zone_periods")))
+            await send_records(broker.bootstrap, raw, keyed(expected.lines[half:]))
+            out["visits"], out["periods"] = await _output(pool, expected)
             out["raw"] = len(await _read_all(broker.bootstrap, raw))
         finally:
             await pool.close()
