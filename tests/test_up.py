@@ -240,7 +240,12 @@ def test_up_rolls_its_broker_over_and_keeps_going(state_dir: Path) -> None:
             raise AssertionError("no rollover began")
     finally:
         proc.send_signal(signal.SIGINT)
-        rest, _ = proc.communicate(timeout=30)
+        try:
+            rest, _ = proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()  # a stop that hangs fails the test, and leaves nothing running
+            proc.communicate()
+            raise
     assert proc.returncode == 0 and "dosewatch stopped" in rest
     problems = [x for x in lines + rest.splitlines()
                 if '"level":"error"' in x or "Traceback" in x
