@@ -102,33 +102,21 @@ async def read_tail(
 
 
 async def write_tail(settings: CommonSettings, topic: str, tail: list[TailRecord]) -> None:
-    """Produce the tail to the same partitions, in the same order, a batch at a time, and wait
-    for the acks."""
+    """Produce the tail to the same partitions, in the same order, and wait for the acks."""
     if not tail:
         return
     producer = kafka.producer(settings)
     await producer.start()
     try:
-        acks = []
+        out = kafka.BatchProducer(producer)
         for partition in sorted({r.partition for r in tail}):
-            batch = producer.create_batch()
-            for r in (r for r in tail if r.partition == partition):
-                if batch.append(key=r.key, value=r.value, timestamp=r.timestamp_ms,
-                                headers=list(r.headers)) is None:  # fmt: skip
-                    batch.close()
-                    acks.append(await producer.send_batch(batch, topic, partition=partition))
-                    batch = producer.create_batch()
-                    batch.append(key=r.key, value=r.value, timestamp=r.timestamp_ms,
-                                 headers=list(r.headers))  # fmt: skip
-            batch.close()
-            acks.append(await producer.send_batch(batch, topic, partition=partition))
-        await asyncio.gather(*acks)
+            rows = [(r.key, r.value, r.timestamp_ms, list(r.headers)) for r in tail
+                    if r.partition == partition]  # fmt: skip
+            await out.send_rows(topic, partition, rows)
     finally:
         await producer.stop()
 
 
-async def restart_offsets(conn: asyncpg.Connection) -> int:
-    """Saved offsets point into the old broker's topics; the new ones start at 0. Returns how
-    many were reset."""
-    result = await conn.execute("UPDATE consumer_offsets SET next_offset = 0")
-    return int(result.split()[-1])
+async def restart_offsets(conn: asyncpg.Connection) -> None:
+    """Saved offsets point into the old broker's topics; the new ones start at 0."""
+    await conn.execute("UPDATE consumer_offsets SET next_offset = 0")

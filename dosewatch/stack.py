@@ -27,7 +27,6 @@ log = logging.getLogger("dosewatch.stack")
 
 STAGES = ("ingest", "geofence", "dosage")
 DRAIN_TIMEOUT_S = 60.0
-DRAIN_MARGIN_MS = 20
 
 
 class _ExpectedLoss(logging.Filter):
@@ -216,8 +215,7 @@ class Stack:
     async def _drain(self, reader: Any) -> None:
         """Wait until a stage (or the API's feed) has read its input to the end; call it once
         what writes that input has stopped."""
-        # An answer received just after now may have been made just before it.
-        since_ms = time.time() * 1000 + DRAIN_MARGIN_MS
+        since_ms = time.time() * 1000
         async with asyncio.timeout(DRAIN_TIMEOUT_S):
             while not await reader.drained(since_ms):
                 await asyncio.sleep(0.05)

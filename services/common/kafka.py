@@ -99,18 +99,22 @@ def group_reader(settings: CommonSettings, group_id: str) -> AIOKafkaConsumer:
     )
 
 
+ANSWER_MARGIN_MS = 20
+
+
 async def caught_up(consumer: AIOKafkaConsumer, since_ms: float) -> bool:
     """Whether the consumer has handed out every record of its partitions, as fetches answered
     after `since_ms` (wall clock) see the log's end. False while it holds no partition.
 
     The end is the fetch's high watermark, not a ListOffsets answer: the embedded broker
-    answers that with the last batch's first offset + 1."""
+    answers that with the last batch's first offset + 1. An answer received within
+    `ANSWER_MARGIN_MS` after `since_ms` may have been made before it, so it does not count."""
     assigned = list(consumer.assignment())
     if not assigned:
         return False
     for tp in assigned:
         end, polled = consumer.highwater(tp), consumer.last_poll_timestamp(tp)
-        if end is None or polled is None or polled < since_ms:
+        if end is None or polled is None or polled < since_ms + ANSWER_MARGIN_MS:
             return False
         if await consumer.position(tp) < end:
             return False
@@ -155,6 +159,10 @@ _HASHES: dict[bytes, int] = {}
 _HASHES_MAX = 200_000
 
 
+# key, value, timestamp (ms; None: now), headers
+Row = tuple[bytes | None, bytes | None, int | None, list[tuple[str, bytes]]]
+
+
 class BatchProducer:
     """Produce a whole batch with one `send_batch` per partition.
 
@@ -192,28 +200,36 @@ class BatchProducer:
             by_partition[p].append((key, value))
             n += 1
         futures = []
+        listed = list(headers)
         for p, items in by_partition.items():
-            batch = self._producer.create_batch()
-            for key, value in items:
-                if (
-                    batch.append(key=key, value=value, timestamp=None, headers=list(headers))
-                    is None
-                ):
-                    futures.append(await self._queue(batch, topic, p))
-                    batch = self._producer.create_batch()
-                    if (
-                        batch.append(key=key, value=value, timestamp=None, headers=list(headers))
-                        is None
-                    ):
-                        size = len(value or b"")
-                        raise ValueError(f"a record of {size} bytes exceeds the batch size")
-            futures.append(await self._queue(batch, topic, p))
+            futures += await self._fill(topic, p, ((k, v, None, listed) for k, v in items))
         if wait:
             if futures:
                 await asyncio.gather(*futures)
         else:
             self._unacked.extend(futures)
         return n
+
+    async def send_rows(self, topic: str, partition: int, rows: Iterable[Row]) -> None:
+        """Whole records (key, value, timestamp in ms, headers) to one partition, in order, as
+        they were on another broker; waits for the acks."""
+        futures = await self._fill(topic, partition, rows)
+        if futures:
+            await asyncio.gather(*futures)
+
+    async def _fill(self, topic: str, partition: int, rows: Iterable[Row]) -> list[Any]:
+        """Queue rows to a partition in as few batches as they fit."""
+        futures = []
+        batch = self._producer.create_batch()
+        for key, value, timestamp, headers in rows:
+            if batch.append(key=key, value=value, timestamp=timestamp, headers=headers) is None:
+                futures.append(await self._queue(batch, topic, partition))
+                batch = self._producer.create_batch()
+                if batch.append(key=key, value=value, timestamp=timestamp, headers=headers) is None:
+                    size = len(value or b"")
+                    raise ValueError(f"a record of {size} bytes exceeds the batch size")
+        futures.append(await self._queue(batch, topic, partition))
+        return futures
 
     async def _queue(self, batch: Any, topic: str, partition: int) -> asyncio.Future[Any]:
         batch.close()
