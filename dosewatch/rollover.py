@@ -65,9 +65,10 @@ async def read_tail(
     commit was consumed; anything past its last commit may have been too, and is read again
     (the rules drop repeated pings).
 
-    A producer outside the process may still be writing: reading goes on while a round finds
-    more, up to `rounds`, and the caller replaces the broker at once. What such a producer
-    gets acknowledged after the last fetch is lost with the old broker."""
+    `dosewatch up` shuts producers outside the process out first (`EmbeddedProxy`), so one
+    round is enough. One that reached the broker by another way may still be writing:
+    reading goes on while a round finds more, up to `rounds`, and the caller replaces the
+    broker at once; what such a producer gets acknowledged after the last fetch is lost."""
     consumer = kafka.group_reader(settings, group_id)
     await consumer.start()
     try:

@@ -16,7 +16,7 @@ from dosewatch import rollover
 from services.api.service import ApiService
 from services.api.settings import ApiSettings
 from services.common import kafka
-from services.common.embedded import EmbeddedKafka
+from services.common.embedded import EmbeddedKafka, EmbeddedProxy
 from services.common.metrics import BROKER_ROLLOVERS
 from services.common.runner import settle_gc
 from services.dosage.service import DosageService, DosageSettings
@@ -51,12 +51,14 @@ class Stack:
         dosage: DosageSettings,
         api: ApiSettings,
         broker: EmbeddedKafka | None = None,
+        proxy: EmbeddedProxy | None = None,
     ) -> None:
         self.ingest_settings = ingest
         self._settings: dict[str, Any] = {"ingest": ingest, "geofence": geofence,
                                           "dosage": dosage}  # fmt: skip
         self.api = ApiService(api)
         self.broker = broker
+        self.proxy = proxy  # in front of the broker, for clients outside the process
         self.stages: dict[str, Any] = {}
         self._ports: dict[str, int] = {}  # a stage started again keeps its HTTP address
         self._tasks: dict[str, asyncio.Task[None]] = {}
@@ -135,12 +137,14 @@ class Stack:
     async def roll_over(self) -> tuple[float, int]:
         """Drain the stages, start a new broker, resume them on it with their state.
 
-        Ingest stops first, so its input stands still; each stage downstream then reads to the
-        end and saves, and so does the API's feed. Raw records ingest had not committed are
-        carried over. The API keeps serving (and its websockets stay open) while its feed
-        lets go of the old broker and reads the new one; dosage publishes every zone's status
-        again for the status topic. Should anything not read to the end in time, everything
-        resumes on the old broker (`RolloverAbandoned`).
+        Clients outside the process are shut out first (the proxy stops; their requests in
+        flight fail, and they send them again), then ingest stops, so its input stands still;
+        each stage downstream reads to the end and saves, and so does the API's feed. Raw
+        records ingest had not committed are carried over, and outside clients come back once
+        they are on the new broker. The API keeps serving (and its websockets stay open)
+        while its feed lets go of the old broker and reads the new one; dosage publishes every
+        zone's status again for the status topic. Should anything not read to the end in
+        time, everything resumes on the old broker (`RolloverAbandoned`).
         Returns the seconds input stood still and the raw records carried over."""
         assert self.broker is not None, "only the embedded broker is rolled over"
         started = time.monotonic()
@@ -148,16 +152,20 @@ class Stack:
             # The stages about to be replaced were frozen with the process (settle_gc):
             # thawed, the collector can free them.
             gc.unfreeze()
+            if self.proxy is not None:
+                await self.proxy.stop()
             try:
                 tail = await self._quiesce()
             except TimeoutError:
                 await self._resume(new_broker=False)
+                await self._reopen()
                 settle_gc()
                 raise RolloverAbandoned(
                     f"a reader did not reach the end in {DRAIN_TIMEOUT_S:.0f} s"
                 ) from None
             quiet = time.monotonic()
             await self._swap(tail)
+            await self._reopen()
             swapped = time.monotonic()
             await self._resume(new_broker=True)
             settle_gc()
@@ -211,6 +219,10 @@ class Stack:
         await asyncio.gather(*starts)
         if "api" not in self._tasks:
             self._run("api", self.api)
+
+    async def _reopen(self) -> None:
+        if self.proxy is not None:
+            await self.proxy.start()
 
     async def _drain(self, reader: Any) -> None:
         """Wait until a stage (or the API's feed) has read its input to the end; call it once

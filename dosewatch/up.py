@@ -26,7 +26,7 @@ from dosewatch.stack import Stack
 from services.api import keys
 from services.api.settings import ApiSettings
 from services.common import db
-from services.common.embedded import EmbeddedKafka, EmbeddedPostgres, free_port
+from services.common.embedded import EmbeddedKafka, EmbeddedPostgres, EmbeddedProxy, free_port
 from services.common.runner import settle_gc
 from services.common.settings import CommonSettings
 from services.common.zonestore import import_zones
@@ -57,15 +57,23 @@ async def up(state_dir: Path, demo: bool, speed: float, units: int, zones: int) 
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    embedded: list[EmbeddedKafka | EmbeddedPostgres] = []
+    embedded: list[EmbeddedKafka | EmbeddedProxy | EmbeddedPostgres] = []
     services: list[Any] = []
     stack: Stack | None = None
+    public = settings.kafka_bootstrap
     try:
         if "DOSEWATCH_KAFKA_BOOTSTRAP" not in os.environ:
-            broker = EmbeddedKafka(settings.embedded_kafka_port, state_dir / "tansu.log")
+            # The stages talk to the broker on a port of its own; everyone else through the
+            # proxy on the public one, which a rollover closes while it reads what is left.
+            broker = EmbeddedKafka(free_port(), state_dir / "tansu.log")
+            proxy = EmbeddedProxy(settings.embedded_kafka_port, broker.bootstrap,
+                                  state_dir / "tansu.log")  # fmt: skip
+            proxy.claim()  # first: the public port in use is the likelier failure
             await broker.start()
             embedded.append(broker)
-            settings.kafka_bootstrap = broker.bootstrap
+            await proxy.start()
+            embedded.append(proxy)
+            settings.kafka_bootstrap, public = broker.bootstrap, proxy.bootstrap
             if "DOSEWATCH_FETCH_MAX_WAIT_MS" not in os.environ:
                 # The embedded broker answers a fetch with nothing new about when the wait runs
                 # out, so at the services' 5 ms every idle consumer asks 200 times a second, and
@@ -111,9 +119,10 @@ async def up(state_dir: Path, demo: bool, speed: float, units: int, zones: int) 
         shared = settings.model_dump(exclude=set(UpSettings.model_fields)
                                      - set(CommonSettings.model_fields))  # fmt: skip
         kafka_server = next((e for e in embedded if isinstance(e, EmbeddedKafka)), None)
+        kafka_proxy = next((e for e in embedded if isinstance(e, EmbeddedProxy)), None)
         stack = Stack(IngestSettings(**shared), GeofenceSettings(**shared),
                       DosageSettings(**shared), ApiSettings(**shared, api_port=settings.api_port),
-                      kafka_server)  # fmt: skip
+                      kafka_server, kafka_proxy)  # fmt: skip
         await stack.start()
         services = stack.services
         settle_gc()
@@ -127,7 +136,7 @@ async def up(state_dir: Path, demo: bool, speed: float, units: int, zones: int) 
         ports = ", ".join(f"{s.name} http://127.0.0.1:{s.http.port}" for s in services)
         key = f"; admin key in {admin_key}" if admin_key else ""
         kafka = (
-            f"kafka {settings.kafka_bootstrap} (fetch wait {settings.fetch_max_wait_ms} ms, "
+            f"kafka {public} (fetch wait {settings.fetch_max_wait_ms} ms, "
             f"{settings.partitions} partition{'s' if settings.partitions > 1 else ''} a topic)"
         )
         print(f"dosewatch ready: {kafka}; {ports}{key}", flush=True)

