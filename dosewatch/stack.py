@@ -8,6 +8,7 @@ import contextlib
 import gc
 import logging
 import time
+from collections.abc import Awaitable
 from typing import Any
 
 import asyncpg
@@ -18,7 +19,7 @@ from services.api.settings import ApiSettings
 from services.common import kafka
 from services.common.embedded import EmbeddedKafka, EmbeddedProxy
 from services.common.metrics import BROKER_ROLLOVERS
-from services.common.runner import settle_gc
+from services.common.runner import cancelling, settle_gc
 from services.dosage.service import DosageService, DosageSettings
 from services.geofence.service import GeofenceService, GeofenceSettings
 from services.ingest.service import IngestService, IngestSettings
@@ -37,6 +38,20 @@ class _ExpectedLoss(logging.Filter):
         if record.levelno >= logging.ERROR:
             record.levelno, record.levelname = logging.INFO, "INFO"
         return True
+
+
+async def stop_step(step: Awaitable[object]) -> None:
+    """One step of stopping, which must not keep the next from running: its errors are
+    logged. A CancelledError from inside it is its own too (aiokafka's `consumer.stop` raises
+    one once its broker is gone), unless this task is itself being cancelled."""
+    try:
+        await step
+    except asyncio.CancelledError:
+        if cancelling():
+            raise
+        log.warning("a step of stopping was cut short")
+    except Exception as exc:
+        log.warning("a step of stopping failed", extra={"error": repr(exc)})
 
 
 class RolloverAbandoned(RuntimeError):
@@ -87,15 +102,12 @@ class Stack:
                 await task
         if self._rolling is not None:
             # Cut short, a rollover would leave stages half started on a broker half replaced.
-            with contextlib.suppress(Exception):
-                await self._rolling
+            await stop_step(self._rolling)
         for name in list(self._tasks):
             await self._cancel(name)
-        with contextlib.suppress(Exception):
-            await self.api.stop()
+        await stop_step(self.api.stop())
         for name in reversed(STAGES):
-            with contextlib.suppress(Exception):
-                await self._halt(name)
+            await stop_step(self._halt(name))
 
     def supervise(self, task: asyncio.Task[Any]) -> None:
         """A task of the stack's (the demo feed, the broker watch): its failure is the stack's,

@@ -22,11 +22,17 @@ from pydantic import Field, SecretStr
 
 from dosewatch import simulate
 from dosewatch.demo import make_zones
-from dosewatch.stack import Stack
+from dosewatch.stack import Stack, stop_step
 from services.api import keys
 from services.api.settings import ApiSettings
 from services.common import db
-from services.common.embedded import EmbeddedKafka, EmbeddedPostgres, EmbeddedProxy, free_port
+from services.common.embedded import (
+    EmbeddedError,
+    EmbeddedKafka,
+    EmbeddedPostgres,
+    EmbeddedProxy,
+    free_port,
+)
 from services.common.runner import settle_gc
 from services.common.settings import CommonSettings
 from services.common.zonestore import import_zones
@@ -129,6 +135,8 @@ async def up(state_dir: Path, demo: bool, speed: float, units: int, zones: int) 
         if demo:
             stack.supervise(asyncio.create_task(
                 _stream_demo(settings, speed, units, zones, stack.gate)))  # fmt: skip
+        for server in embedded:
+            stack.supervise(asyncio.create_task(_watch(server, stack.gate)))
         if kafka_server is not None and settings.embedded_kafka_rollover_records:
             stack.supervise(asyncio.create_task(stack.watch_broker(
                 settings.embedded_kafka_rollover_records,
@@ -156,9 +164,28 @@ async def up(state_dir: Path, demo: bool, speed: float, units: int, zones: int) 
         if stack is not None:
             await stack.stop()
         for server in reversed(embedded):
-            await server.stop()
+            await stop_step(server.stop())
         if embedded or services:  # not when the first thing it started could not start
             print("dosewatch stopped", flush=True)
+
+
+async def _watch(server: EmbeddedKafka | EmbeddedProxy | EmbeddedPostgres,
+                 gate: asyncio.Lock) -> None:  # fmt: skip
+    """An embedded server that dies on its own. The proxy holds nothing and is started again
+    (under the rollover's lock: a rollover starts it too). The stack cannot go on without the
+    broker, whose records were in memory only, or the database: it stops, saying why."""
+    while True:
+        why = await server.ended()
+        if isinstance(server, EmbeddedProxy):
+            log.warning("starting the embedded broker's proxy again", extra={"reason": why})
+            async with gate:
+                if server.proc is None or server.proc.returncode is not None:
+                    await server.start()
+            continue
+        lost = (
+            "; the records it held in memory are gone" if isinstance(server, EmbeddedKafka) else ""
+        )
+        raise EmbeddedError(f"{why}{lost}. Everything stopped: run `dosewatch up` again")
 
 
 async def _dev_key(conn: asyncpg.Connection, state_dir: Path, role: str) -> Path:

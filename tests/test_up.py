@@ -316,3 +316,79 @@ def test_an_outside_producer_loses_nothing_across_rollovers(state_dir: Path) -> 
             proc.communicate()
             raise
     assert proc.returncode == 0 and "Traceback" not in rest
+
+
+def _child(pid: int, *words: bytes) -> int:
+    """The direct child of `pid` whose command line holds every one of `words`."""
+    for kid in alive(children(pid)):
+        cmdline = Path(f"/proc/{kid}/cmdline").read_bytes()
+        if all(w in cmdline for w in words):
+            return kid
+    raise AssertionError(f"no child with {words}")
+
+
+@pytest.mark.parametrize(
+    ("words", "message"),
+    [((b"tansu", b"broker"), "the embedded broker exited (killed by SIGKILL"),
+     ((b"postgres", b"pgdata"), "the embedded PostgreSQL exited (killed by SIGKILL")],
+)  # fmt: skip
+def test_a_dead_broker_or_database_stops_up_saying_why(
+    state_dir: Path, words: tuple[bytes, ...], message: str
+) -> None:
+    """Without its broker or its database the stack cannot go on: `dosewatch up` stops
+    everything it started and says which died, instead of retrying against nothing (before,
+    it logged about 300 connection errors a second and did not stop on Ctrl-C)."""
+    proc, _ = start_up(state_dir)
+    kids = alive(children(proc.pid))
+    os.kill(_child(proc.pid, *words), signal.SIGKILL)
+    try:
+        out, _ = proc.communicate(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
+        raise
+    assert proc.returncode == 1
+    assert message in out and "run `dosewatch up` again" in out
+    assert "dosewatch stopped" in out
+    # Nothing escaped uncaught (the clients' own logs of a lost server carry theirs inside).
+    assert not [line for line in out.splitlines() if line.startswith("Traceback")]
+    deadline = time.monotonic() + 10
+    while alive(kids) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not alive(kids)
+
+
+def test_a_dead_proxy_is_started_again(state_dir: Path) -> None:
+    """The proxy in front of the embedded broker holds nothing: killed, it is started again,
+    and clients outside the process reach the broker as before."""
+    proc, lines = start_up(state_dir)
+    try:
+        port = re.search(r"kafka 127\.0\.0\.1:(\d+)", lines[-1])
+        assert port is not None
+        first = _child(proc.pid, b"tansu", b"proxy")
+        os.kill(first, signal.SIGKILL)
+
+        async def topics() -> set[str]:
+            admin = AIOKafkaAdminClient(bootstrap_servers=f"127.0.0.1:{port.group(1)}")
+            await admin.start()
+            try:
+                return set(await admin.list_topics())
+            finally:
+                await admin.close()
+
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                assert "avl.pings.raw" in asyncio.run(topics())
+                break
+            except Exception:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.5)
+        assert _child(proc.pid, b"tansu", b"proxy") != first
+        assert proc.poll() is None
+    finally:
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 0
+    assert "starting the embedded broker's proxy again" in "".join(lines) + out

@@ -212,7 +212,7 @@ class LiveFeed:
     async def disconnect(self) -> None:
         """Let go of the broker (`run` must have stopped); the view is kept for `connect`."""
         if self.consumer is not None:
-            await self.consumer.stop()
+            await kafka.stop_client(self.consumer)
             self.consumer = None
 
     async def stop(self) -> None:

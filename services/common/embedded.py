@@ -55,14 +55,42 @@ def _package_dir(name: str) -> Path:
     return Path(spec.origin).parent
 
 
-class EmbeddedKafka:
+class _Server:
+    """A child process the stack cannot do without; `ended` tells when it dies on its own."""
+
+    what = "an embedded server"
+    proc: asyncio.subprocess.Process | None = None
+    log_path: Path | None = None
+    _planned = False  # stopped, or being replaced, on purpose
+
+    async def ended(self) -> str:
+        """Returns once the process exits by itself (not by `stop` or `restart`), with a
+        sentence saying so."""
+        while True:
+            proc = self.proc
+            if proc is not None:
+                code = await proc.wait()
+                if proc is self.proc and not self._planned:
+                    how = f"killed by {signal.Signals(-code).name}" if code < 0 else f"code {code}"
+                    where = f"; its log: {self.log_path}" if self.log_path else ""
+                    return f"{self.what} exited ({how}{where})"
+            await asyncio.sleep(0.1)  # on purpose: a restart brings the next one
+
+    async def _stop(self, sig: signal.Signals) -> None:
+        self._planned = True
+        await _stop(self.proc, sig)
+
+
+class EmbeddedKafka(_Server):
     """Tansu in memory. Its log is empty at every start: callers must not resume offsets."""
+
+    what = "the embedded broker"
 
     def __init__(self, port: int, log_path: Path | None = None) -> None:
         self.port = port
         self.bootstrap = f"127.0.0.1:{port}"
         self.log_path = log_path
-        self.proc: asyncio.subprocess.Process | None = None
+        self.proc = None
 
     async def start(self, timeout_s: float = 20.0) -> None:
         _claim(self.port, "the embedded broker's port", "DOSEWATCH_EMBEDDED_KAFKA_PORT")
@@ -72,29 +100,32 @@ class EmbeddedKafka:
              "--storage-engine", "memory://tansu/"],
             self.log_path,
         )  # fmt: skip
-        await _listening(self.proc, self.port, "the embedded broker", timeout_s)
+        self._planned = False
+        await _listening(self.proc, self.port, self.what, timeout_s)
 
     async def stop(self) -> None:
-        await _stop(self.proc, signal.SIGTERM)
+        await self._stop(signal.SIGTERM)
 
     async def restart(self) -> None:
         """A new, empty broker on the same port. Killed, not stopped: stopping waits about 5 s
         for clients still connected (the demo feed), and the log is thrown away anyway."""
-        await _stop(self.proc, signal.SIGKILL)
+        await self._stop(signal.SIGKILL)
         await self.start()
 
 
-class EmbeddedProxy:
+class EmbeddedProxy(_Server):
     """Tansu's Kafka proxy: clients outside the process reach the embedded broker through it,
     so a rollover can shut them out before it reads what they wrote (`dosewatch.stack`).
     It advertises its own address, so clients never learn the broker's."""
+
+    what = "the embedded broker's proxy"
 
     def __init__(self, port: int, origin: str, log_path: Path | None = None) -> None:
         self.port = port
         self.bootstrap = f"127.0.0.1:{port}"
         self.origin = origin
         self.log_path = log_path
-        self.proc: asyncio.subprocess.Process | None = None
+        self.proc = None
 
     def claim(self) -> None:
         _claim(self.port, "the embedded broker's port", "DOSEWATCH_EMBEDDED_KAFKA_PORT")
@@ -107,11 +138,12 @@ class EmbeddedProxy:
              "--origin-url", f"tcp://{self.origin}"],
             self.log_path,
         )  # fmt: skip
-        await _listening(self.proc, self.port, "the embedded broker's proxy", timeout_s)
+        self._planned = False
+        await _listening(self.proc, self.port, self.what, timeout_s)
 
     async def stop(self) -> None:
         """Killed: its clients' requests in flight fail at once, and they send them again."""
-        await _stop(self.proc, signal.SIGKILL)
+        await self._stop(signal.SIGKILL)
 
 
 def _claim(port: int, what: str, setting: str) -> None:
@@ -157,15 +189,18 @@ async def _listening(
             await asyncio.sleep(0.02)
 
 
-class EmbeddedPostgres:
+class EmbeddedPostgres(_Server):
     """A PostgreSQL server whose data lives under `data_dir` and survives restarts."""
+
+    what = "the embedded PostgreSQL"
+    log_path: Path  # always kept, beside its data
 
     def __init__(self, data_dir: Path, port: int, log_path: Path | None = None) -> None:
         self.data_dir = data_dir.resolve()
         self.port = port
         self.log_path = log_path or self.data_dir.parent / "postgres.log"
         self.url = f"postgresql://postgres@127.0.0.1:{port}/postgres"
-        self.proc: asyncio.subprocess.Process | None = None
+        self.proc = None
         self._user: str | None = PG_SYSTEM_USER if os.geteuid() == 0 else None
 
     def _bin(self, name: str) -> str:
@@ -222,6 +257,7 @@ class EmbeddedPostgres:
             preexec_fn=_die_with_parent(signal.SIGINT),
             start_new_session=True,  # Ctrl-C reaches dosewatch, which stops it in order
         )  # fmt: skip
+        self._planned = False
         deadline = time.monotonic() + timeout_s
         while True:
             if self.proc.returncode is not None:
@@ -239,7 +275,7 @@ class EmbeddedPostgres:
 
     async def stop(self) -> None:
         # SIGINT is PostgreSQL's fast shutdown; SIGTERM would wait for every client to leave.
-        await _stop(self.proc, signal.SIGINT)
+        await self._stop(signal.SIGINT)
 
 
 def _alive(pid: int) -> bool:

@@ -29,6 +29,13 @@ def settle_gc() -> None:
     gc.set_threshold(*GC_THRESHOLDS)
 
 
+def cancelling() -> bool:
+    """Whether the running task has been asked to cancel. A CancelledError raised while it
+    has not came from inside a library, not to this task."""
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
+
+
 class Service(Protocol):
     async def start(self) -> None: ...
     async def run(self) -> None: ...

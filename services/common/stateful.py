@@ -144,9 +144,9 @@ class StatefulService(abc.ABC):
                 await asyncio.wait_for(self._stepping, 10)
             await asyncio.wait_for(self.flush(), 10)
         if self.consumer is not None:
-            await self.consumer.stop()
+            await kafka.stop_client(self.consumer)
         if self.producer is not None:
-            await self.producer.stop()
+            await kafka.stop_client(self.producer)
         if self.pool is not None:
             await self.pool.close()
 

@@ -85,9 +85,9 @@ class IngestService:
             except Exception:
                 log.exception("the last commit failed; a restart repeats its pings")
         if self._consumer is not None:
-            await self._consumer.stop()
+            await kafka.stop_client(self._consumer)
         if self._producer is not None:
-            await self._producer.stop()
+            await kafka.stop_client(self._producer)
 
     async def run(self) -> None:
         assert self._consumer is not None and self._out is not None
