@@ -89,6 +89,20 @@ def start_up(
     raise AssertionError("".join(lines))
 
 
+def finish(proc: subprocess.Popen[str], interrupt: bool = True) -> str:
+    """Ctrl-C (unless it stops by itself), then what it printed. One that has not stopped
+    in 30 s is killed, and the test fails, leaving nothing running."""
+    if interrupt:
+        proc.send_signal(signal.SIGINT)
+    try:
+        out, _ = proc.communicate(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
+        raise
+    return out
+
+
 @pytest.fixture
 def state_dir() -> Path:
     root = Path(tempfile.mkdtemp(prefix="dosewatch-up-"))
@@ -109,8 +123,7 @@ def test_up_ready_then_ctrl_c_stops_everything(state_dir: Path) -> None:
     r = httpx.get(f"{api.group(1)}/v1/zones/status", headers={"Authorization": f"Bearer {token}"})
     assert r.status_code == 200 and "zones" in r.json()
     assert httpx.get(f"{api.group(1)}/v1/zones/status").status_code == 401
-    proc.send_signal(signal.SIGINT)
-    rest, _ = proc.communicate(timeout=30)
+    rest = finish(proc)
     assert proc.returncode == 0
     assert "dosewatch stopped" in rest
     assert not alive(kids)
@@ -144,8 +157,7 @@ def test_embedded_broker_gets_a_longer_fetch_wait_and_one_partition(
 
         assert asyncio.run(counts()) == [partitions]
     finally:
-        proc.send_signal(signal.SIGINT)
-        proc.communicate(timeout=30)
+        finish(proc)
 
 
 def test_a_second_up_says_why_it_cannot_start(state_dir: Path) -> None:
@@ -178,8 +190,7 @@ def test_a_second_up_says_why_it_cannot_start(state_dir: Path) -> None:
                       headers={"Authorization": f"Bearer {token}"})  # fmt: skip
         assert r.status_code == 200
     finally:
-        proc.send_signal(signal.SIGINT)
-        proc.communicate(timeout=30)
+        finish(proc)
     assert proc.returncode == 0
 
 
@@ -242,13 +253,7 @@ def test_up_rolls_its_broker_over_and_keeps_going(state_dir: Path) -> None:
         else:
             raise AssertionError("no rollover began")
     finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            rest, _ = proc.communicate(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()  # a stop that hangs fails the test, and leaves nothing running
-            proc.communicate()
-            raise
+        rest = finish(proc)
     assert proc.returncode == 0 and "dosewatch stopped" in rest
     problems = [x for x in lines + rest.splitlines()
                 if '"level":"error"' in x or "Traceback" in x
@@ -308,13 +313,7 @@ def test_an_outside_producer_loses_nothing_across_rollovers(state_dir: Path) -> 
             time.sleep(1)
         assert seen == count
     finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            rest, _ = proc.communicate(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.communicate()
-            raise
+        rest = finish(proc)
     assert proc.returncode == 0 and "Traceback" not in rest
 
 
@@ -341,12 +340,7 @@ def test_a_dead_broker_or_database_stops_up_saying_why(
     proc, _ = start_up(state_dir)
     kids = alive(children(proc.pid))
     os.kill(_child(proc.pid, *words), signal.SIGKILL)
-    try:
-        out, _ = proc.communicate(timeout=30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.communicate()
-        raise
+    out = finish(proc, interrupt=False)
     assert proc.returncode == 1
     assert message in out and "run `dosewatch up` again" in out
     assert "dosewatch stopped" in out
@@ -388,7 +382,6 @@ def test_a_dead_proxy_is_started_again(state_dir: Path) -> None:
         assert _child(proc.pid, b"tansu", b"proxy") != first
         assert proc.poll() is None
     finally:
-        proc.send_signal(signal.SIGINT)
-        out, _ = proc.communicate(timeout=30)
+        out = finish(proc)
     assert proc.returncode == 0
     assert "starting the embedded broker's proxy again" in "".join(lines) + out
