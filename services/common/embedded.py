@@ -81,10 +81,8 @@ class _Server:
         await _stop(self.proc, sig)
 
 
-class EmbeddedKafka(_Server):
-    """Tansu in memory. Its log is empty at every start: callers must not resume offsets."""
-
-    what = "the embedded broker"
+class _Tansu(_Server):
+    """A Tansu process (broker or proxy) listening on `port`, which clients reach it by."""
 
     def __init__(self, port: int, log_path: Path | None = None) -> None:
         self.port = port
@@ -92,16 +90,27 @@ class EmbeddedKafka(_Server):
         self.log_path = log_path
         self.proc = None
 
-    async def start(self, timeout_s: float = 20.0) -> None:
+    def claim(self) -> None:
         _claim(self.port, "the embedded broker's port", "DOSEWATCH_EMBEDDED_KAFKA_PORT")
-        url = f"tcp://127.0.0.1:{self.port}"
+
+    async def _launch(self, command: str, *args: str, timeout_s: float) -> None:
+        self.claim()
+        url = f"tcp://{self.bootstrap}"
         self.proc = await _spawn(
-            ["broker", "--listener-url", url, "--advertised-listener-url", url,
-             "--storage-engine", "memory://tansu/"],
+            [command, "--listener-url", url, "--advertised-listener-url", url, *args],
             self.log_path,
-        )  # fmt: skip
+        )
         self._planned = False
         await _listening(self.proc, self.port, self.what, timeout_s)
+
+
+class EmbeddedKafka(_Tansu):
+    """Tansu in memory. Its log is empty at every start: callers must not resume offsets."""
+
+    what = "the embedded broker"
+
+    async def start(self, timeout_s: float = 20.0) -> None:
+        await self._launch("broker", "--storage-engine", "memory://tansu/", timeout_s=timeout_s)
 
     async def stop(self) -> None:
         await self._stop(signal.SIGTERM)
@@ -113,7 +122,7 @@ class EmbeddedKafka(_Server):
         await self.start()
 
 
-class EmbeddedProxy(_Server):
+class EmbeddedProxy(_Tansu):
     """Tansu's Kafka proxy: clients outside the process reach the embedded broker through it,
     so a rollover can shut them out before it reads what they wrote (`dosewatch.stack`).
     It advertises its own address, so clients never learn the broker's."""
@@ -121,25 +130,11 @@ class EmbeddedProxy(_Server):
     what = "the embedded broker's proxy"
 
     def __init__(self, port: int, origin: str, log_path: Path | None = None) -> None:
-        self.port = port
-        self.bootstrap = f"127.0.0.1:{port}"
+        super().__init__(port, log_path)
         self.origin = origin
-        self.log_path = log_path
-        self.proc = None
-
-    def claim(self) -> None:
-        _claim(self.port, "the embedded broker's port", "DOSEWATCH_EMBEDDED_KAFKA_PORT")
 
     async def start(self, timeout_s: float = 20.0) -> None:
-        self.claim()
-        url = f"tcp://{self.bootstrap}"
-        self.proc = await _spawn(
-            ["proxy", "--listener-url", url, "--advertised-listener-url", url,
-             "--origin-url", f"tcp://{self.origin}"],
-            self.log_path,
-        )  # fmt: skip
-        self._planned = False
-        await _listening(self.proc, self.port, self.what, timeout_s)
+        await self._launch("proxy", "--origin-url", f"tcp://{self.origin}", timeout_s=timeout_s)
 
     async def stop(self) -> None:
         """Killed: its clients' requests in flight fail at once, and they send them again."""
