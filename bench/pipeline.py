@@ -121,7 +121,7 @@ async def run_rate(
                                 fetch_max_wait_ms=200, auto_offset_reset="latest")  # fmt: skip
     await consumer.start()
     await consumer.getmany(timeout_ms=500)
-    latencies: list[float] = []
+    latencies: list[tuple[int, float]] = []  # (when sent, ms)
     measure_from_ms = [float("inf")]
     stop = asyncio.Event()
 
@@ -133,7 +133,7 @@ async def run_rate(
                     # caused by the ping whose ts is as_of; r.timestamp is when dosage sent it
                     first = status["status"] == "active" and status["elapsed_s"] == 0
                     if first and r.timestamp >= measure_from_ms[0]:
-                        latencies.append(r.timestamp - parse_ts(status["as_of"]))
+                        latencies.append((r.timestamp, r.timestamp - parse_ts(status["as_of"])))
 
     watcher = asyncio.create_task(watch())
     assert pg.proc is not None
@@ -200,7 +200,7 @@ async def run_rate(
     waited = {n: await _save_wait(ports[n]) - w["waited0"][n] for n in STATEFUL}
     await consumer.stop()
     await producer.stop()
-    lat = np.asarray(latencies or [float("nan")])
+    lat = np.asarray([ms for _, ms in latencies] or [float("nan")])
     row: dict[str, Any] = {
         "rate": rate or "max",
         "warmup_s": w["warmup_s"],
@@ -211,6 +211,10 @@ async def run_rate(
         "p50_ms": float(np.percentile(lat, 50)),
         "p99_ms": float(np.percentile(lat, 99)),
         "p999_ms": float(np.percentile(lat, 99.9)),
+        # Whether it holds: the embedded broker's hops slow as its topics fill (docs).
+        "p99_each_10s_ms": " ".join(
+            f"{np.percentile(part, 99):.0f}" for part in _slices(latencies, measure_from_ms[0])
+        ),
     }
     for name in SERVICES:
         row[f"cpu_{name}"] = cpu[name] / sent * 1000
@@ -222,6 +226,14 @@ async def run_rate(
         # Held up by its last save (one in flight at most): the stage's stalls from the database.
         row[f"save_wait_{name}_ms"] = waited[name] * 1000
     return row
+
+
+def _slices(latencies: list[tuple[int, float]], start_ms: float) -> list[list[float]]:
+    """The latencies of each 10 s of the window, in order (empty slices left out)."""
+    parts: dict[int, list[float]] = {}
+    for sent_ms, ms in latencies:
+        parts.setdefault(int((sent_ms - start_ms) // 10_000), []).append(ms)
+    return [parts[i] for i in sorted(parts)]
 
 
 async def _samples(port: int, name: str) -> list[tuple[str, float]]:
