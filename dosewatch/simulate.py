@@ -514,15 +514,23 @@ class _KafkaSink:
 
 
 class _HttpSink:
-    """POST /v1/pings with JSON arrays. urllib in a thread: no HTTP client at run time."""
+    """POST /v1/pings with JSON arrays. urllib in a thread: no HTTP client at run time.
 
-    def __init__(self, url: str) -> None:
+    An intake that was reached once and then refuses or answers 503/429 is restarting (a
+    rollover of `dosewatch up` stops ingest for about 3 s) or busy: the batch is posted again
+    until it is taken, for up to `retry_for_s`, so no ping is dropped on the way. A first
+    contact that fails is a wrong address, said at once."""
+
+    def __init__(self, url: str, retry_for_s: float = 60.0) -> None:
         parts = urllib.parse.urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.netloc:
             raise SimulateError(f"--http {url!r}: expected http(s)://host[:port][/v1/pings]")
         if parts.path in ("", "/"):
             url = urllib.parse.urlunsplit(parts._replace(path="/v1/pings"))
         self.url = url
+        self.retry_for_s = retry_for_s
+        self.retries = 0
+        self._reached = False
 
     async def start(self) -> None:
         pass
@@ -533,22 +541,49 @@ class _HttpSink:
         return await asyncio.to_thread(self._post, orjson.dumps(pings))
 
     def _post(self, body: bytes) -> int:
-        request = urllib.request.Request(
-            self.url, data=body, method="POST", headers={"Content-Type": "application/json"}
-        )
-        try:
-            with urllib.request.urlopen(request, timeout=30) as response:
-                answer = orjson.loads(response.read())
-        except urllib.error.HTTPError as exc:
-            if exc.code != 422:  # 422: every ping in the batch was refused, none lost
-                raise SimulateError(f"{self.url}: HTTP {exc.code} {exc.read()[:200]!r}") from None
-            answer = orjson.loads(exc.read())
-        except (urllib.error.URLError, OSError) as exc:
-            raise SimulateError(f"{self.url}: {exc}") from None
-        return len(answer.get("rejected", []))
+        """The pings the intake rejected (422 when it rejected them all: none lost)."""
+        deadline = time.monotonic() + self.retry_for_s
+        backoff = 0.1
+        while True:
+            request = urllib.request.Request(
+                self.url, data=body, method="POST", headers={"Content-Type": "application/json"}
+            )
+            try:
+                with urllib.request.urlopen(request, timeout=30) as response:
+                    answer = orjson.loads(response.read())
+                self._reached = True
+                return len(answer.get("rejected", []))
+            except urllib.error.HTTPError as exc:
+                if exc.code == 422:
+                    return len(orjson.loads(exc.read()).get("rejected", []))
+                if exc.code not in (429, 503):
+                    raise SimulateError(
+                        f"{self.url}: HTTP {exc.code} {exc.read()[:200]!r}"
+                    ) from None
+                why, wait = (
+                    f"HTTP {exc.code}",
+                    _retry_after(exc.headers.get("Retry-After"), backoff),
+                )
+            except (urllib.error.URLError, OSError) as exc:
+                if not self._reached:
+                    raise SimulateError(f"{self.url}: {exc}") from None
+                why, wait = str(exc), backoff
+            if time.monotonic() + wait > deadline:
+                raise SimulateError(f"{self.url}: {why}, still after {self.retry_for_s:.0f} s")
+            self.retries += 1
+            time.sleep(wait)
+            backoff = min(backoff * 2, 2.0)
 
     async def stop(self) -> None:
         pass
+
+
+def _retry_after(header: str | None, default: float) -> float:
+    """Retry-After in seconds; the HTTP-date form is not sent by dosewatch and counts as absent."""
+    try:
+        return max(0.0, float(header)) if header is not None else default
+    except ValueError:
+        return default
 
 
 async def import_city(settings: CommonSettings, features: Sequence[Mapping[str, Any]]) -> int:

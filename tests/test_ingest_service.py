@@ -124,6 +124,10 @@ def test_http_intake_and_osmand(kafka_bootstrap: str, topic_prefix: str) -> None
                 assert r.status_code == 200 and r.json()["accepted"] == 1
                 r = await client.get("/osmand", params={"id": "car-9", "lat": "north"})
                 assert r.status_code == 422
+                service.ready = False  # as while it stops, or stands still for a rollover
+                r = await client.post("/v1/pings", content=orjson.dumps(GOOD))
+                assert r.status_code == 503 and r.headers["retry-after"] == "1"
+                service.ready = True
                 metrics = (await client.get("/metrics")).text
                 assert 'dosewatch_pings_rejected_total{reason="lon",service="ingest"}' in metrics
             pings = await drain(kafka_bootstrap, settings.topic_pings, 2)

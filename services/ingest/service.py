@@ -249,7 +249,8 @@ class IngestService:
         source: str,
     ) -> JSONResponse:
         if not self.ready:
-            return _problem(503, "not ready")
+            # Starting, stopping, or stopped for a rollover of `dosewatch up`: soon back.
+            return _problem(503, "not ready", {"Retry-After": "1"})
         self._count(len(ok) + len(bad), bad, source)
         dead = [dead_letter(raw, bad, {"http": source})] if bad else []
         await self._publish(ok, len(ok), [max(times)] if times else [], dead)
@@ -286,8 +287,8 @@ def _unpack(ok: list[Accepted]) -> tuple[list[tuple[bytes, bytes]], list[int]]:
     return [(a.key, a.value) for a in ok], [a.ping.ts for a in ok]
 
 
-def _problem(status: int, detail: str) -> JSONResponse:
-    return JSONResponse({"detail": detail}, status_code=status)
+def _problem(status: int, detail: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"detail": detail}, status_code=status, headers=headers)
 
 
 async def main(settings: IngestSettings | None = None) -> None:
