@@ -100,7 +100,7 @@ class Stack:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
-        if self._rolling is not None:
+        if self._rolling is not None and not self._rolling.done():
             # Cut short, a rollover would leave stages half started on a broker half replaced.
             await stop_step(self._rolling)
         for name in list(self._tasks):

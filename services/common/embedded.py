@@ -71,7 +71,7 @@ class _Server:
             if proc is not None:
                 code = await proc.wait()
                 if proc is self.proc and not self._planned:
-                    how = f"killed by {signal.Signals(-code).name}" if code < 0 else f"code {code}"
+                    how = _exit(code)
                     where = f"; its log: {self.log_path}" if self.log_path else ""
                     return f"{self.what} exited ({how}{where})"
             await asyncio.sleep(0.1)  # on purpose: a restart brings the next one
@@ -139,6 +139,15 @@ class EmbeddedProxy(_Tansu):
     async def stop(self) -> None:
         """Killed: its clients' requests in flight fail at once, and they send them again."""
         await self._stop(signal.SIGKILL)
+
+
+def _exit(code: int) -> str:
+    if code >= 0:
+        return f"code {code}"
+    try:
+        return f"killed by {signal.Signals(-code).name}"
+    except ValueError:
+        return f"killed by signal {-code}"
 
 
 def _claim(port: int, what: str, setting: str) -> None:
