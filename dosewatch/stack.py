@@ -54,6 +54,14 @@ async def stop_step(step: Awaitable[object]) -> None:
         log.warning("a step of stopping failed", extra={"error": repr(exc)})
 
 
+async def _together(*steps: Awaitable[None]) -> None:
+    """Run steps at once and wait for every one, even when one fails (a stage still starting
+    as the stack stops would be left running); then raise the first failure."""
+    for outcome in await asyncio.gather(*steps, return_exceptions=True):
+        if isinstance(outcome, BaseException):
+            raise outcome
+
+
 class RolloverAbandoned(RuntimeError):
     """A stage did not catch up in time; the stack resumed on the broker it had."""
 
@@ -90,8 +98,9 @@ class Stack:
 
     async def start(self) -> None:
         self.failed = asyncio.get_running_loop().create_future()
-        for name in STAGES:
-            await self._start(name)
+        # Together: each waits about 2 s for its group to form. Each stage makes the topics
+        # it reads before it subscribes, so none waits on another.
+        await _together(*(self._start(name) for name in STAGES))
         await self.api.start()
         self._run("api", self.api)
 
@@ -228,7 +237,7 @@ class Stack:
                   for name in STAGES if name not in self.stages]  # fmt: skip
         if self.api.feed.consumer is None:
             starts.append(self.api.feed.connect(pings_from_start=new_broker))
-        await asyncio.gather(*starts)
+        await _together(*starts)
         if "api" not in self._tasks:
             self._run("api", self.api)
 
