@@ -4,6 +4,8 @@ and they go on from their saved state, so what comes out is what one broker woul
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -178,16 +180,10 @@ def test_rollover_midway_gives_what_one_broker_gives(
     half, three_quarters = len(expected.lines) // 2, len(expected.lines) * 3 // 4
 
     async def scenario() -> dict[str, Any]:
-        await prepare_database(database_url)
-        broker = EmbeddedKafka(free_port())
-        await broker.start()
-        stack = _stack(broker, database_url, topic_prefix)
-        raw = stack.ingest_settings.topic_raw
-        status_topic = stack.ingest_settings.topic_status
-        pool = await asyncpg.create_pool(database_url, min_size=1, max_size=2)
         out: dict[str, Any] = {}
-        try:
-            await stack.start()
+        async with _running(database_url, topic_prefix) as (broker, stack, pool):
+            raw = stack.ingest_settings.topic_raw
+            status_topic = stack.ingest_settings.topic_status
             await send_records(broker.bootstrap, raw, keyed(expected.lines[:half]))
             await wait_for(pool, "SELECT count(*) FROM visits", 1)  # state to carry over
             # A producer outside the process writes while ingest is stopped for the rollover:
@@ -211,10 +207,6 @@ def test_rollover_midway_gives_what_one_broker_gives(
                 ):
                     await asyncio.sleep(0.2)
             out["topic"] = topic
-        finally:
-            await pool.close()
-            await stack.stop()
-            await broker.stop()
         return out
 
     out = asyncio.run(scenario())
@@ -234,6 +226,26 @@ def test_rollover_midway_gives_what_one_broker_gives(
     assert {z: s | {"as_of": None} for z, s in out["topic"].items()} == {
         z: s | {"as_of": None} for z, s in out["book"].items()
     }
+
+
+@contextlib.asynccontextmanager
+async def _running(
+    database_url: str, topic_prefix: str
+) -> AsyncIterator[tuple[EmbeddedKafka, Stack, asyncpg.Pool]]:
+    """The stack on a broker of its own, started, and a pool to read its output; all
+    stopped after."""
+    await prepare_database(database_url)
+    broker = EmbeddedKafka(free_port())
+    await broker.start()
+    stack = _stack(broker, database_url, topic_prefix)
+    pool = await asyncpg.create_pool(database_url, min_size=1, max_size=2)
+    try:
+        await stack.start()
+        yield broker, stack, pool
+    finally:
+        await pool.close()
+        await stack.stop()
+        await broker.stop()
 
 
 def _shown(book: dict[str, Any]) -> dict[str, Any]:
@@ -257,15 +269,9 @@ def test_rollover_abandoned_resumes_on_the_old_broker(
         await drain(self, reader)
 
     async def scenario() -> dict[str, Any]:
-        await prepare_database(database_url)
-        broker = EmbeddedKafka(free_port())
-        await broker.start()
-        stack = _stack(broker, database_url, topic_prefix)
-        raw = stack.ingest_settings.topic_raw
-        pool = await asyncpg.create_pool(database_url, min_size=1, max_size=2)
         out: dict[str, Any] = {}
-        try:
-            await stack.start()
+        async with _running(database_url, topic_prefix) as (broker, stack, pool):
+            raw = stack.ingest_settings.topic_raw
             broker_pid = broker.proc.pid if broker.proc else None
             await send_records(broker.bootstrap, raw, keyed(expected.lines[:half]))
             monkeypatch.setattr(Stack, "_drain", stuck_feed)
@@ -277,10 +283,6 @@ def test_rollover_abandoned_resumes_on_the_old_broker(
             await send_records(broker.bootstrap, raw, keyed(expected.lines[half:]))
             out["visits"], out["periods"] = await _output(pool, expected)
             out["raw"] = len(await _read_all(broker.bootstrap, raw))
-        finally:
-            await pool.close()
-            await stack.stop()
-            await broker.stop()
         return out
 
     out = asyncio.run(scenario())
