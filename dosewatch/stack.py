@@ -94,7 +94,8 @@ class Stack:
 
     @property
     def services(self) -> list[Any]:
-        return [*self.stages.values(), self.api]
+        # In pipeline order, whichever stage finished starting first.
+        return [*(self.stages[n] for n in STAGES if n in self.stages), self.api]
 
     async def start(self) -> None:
         self.failed = asyncio.get_running_loop().create_future()

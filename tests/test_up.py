@@ -113,8 +113,9 @@ def state_dir() -> Path:
 def test_up_ready_then_ctrl_c_stops_everything(state_dir: Path) -> None:
     proc, lines = start_up(state_dir)
     kids = children(proc.pid)
-    assert len(alive(kids)) >= 2  # the broker and PostgreSQL
-    assert "ingest http://" in lines[-1] and "dosage http://" in lines[-1]
+    assert len(alive(kids)) >= 3  # the broker, its proxy and PostgreSQL
+    # In pipeline order, though the stages start together.
+    assert re.findall(r"(\w+) http://", lines[-1]) == ["ingest", "geofence", "dosage", "api"]
     # The API is up, and the development admin key it announces works.
     api = re.search(r"api (http://[0-9.:]+)", lines[-1])
     assert api is not None and "admin key in" in lines[-1]
