@@ -55,7 +55,7 @@ async def end_offsets(settings: CommonSettings, topics: list[str]) -> dict[Topic
         ]
         return dict(await consumer.end_offsets(parts)) if parts else {}
     finally:
-        await consumer.stop()
+        await kafka.stop_client(consumer)
 
 
 async def read_tail(
@@ -99,7 +99,7 @@ async def read_tail(
                     break
         return tail
     finally:
-        await consumer.stop()
+        await kafka.stop_client(consumer)
 
 
 async def write_tail(settings: CommonSettings, topic: str, tail: list[TailRecord]) -> None:
@@ -115,7 +115,7 @@ async def write_tail(settings: CommonSettings, topic: str, tail: list[TailRecord
                     if r.partition == partition]  # fmt: skip
             await out.send_rows(topic, partition, rows)
     finally:
-        await producer.stop()
+        await kafka.stop_client(producer)
 
 
 async def restart_offsets(conn: asyncpg.Connection) -> None:

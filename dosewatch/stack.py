@@ -42,8 +42,8 @@ class _ExpectedLoss(logging.Filter):
 
 async def stop_step(step: Awaitable[object]) -> None:
     """One step of stopping, which must not keep the next from running: its errors are
-    logged. A CancelledError from inside it is its own too (aiokafka's `consumer.stop` raises
-    one once its broker is gone), unless this task is itself being cancelled."""
+    logged. A CancelledError from inside it is its own too (as `kafka.stop_client` treats
+    aiokafka's), unless this task is itself being cancelled."""
     try:
         await step
     except asyncio.CancelledError:
