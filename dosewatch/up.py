@@ -92,6 +92,10 @@ async def up(state_dir: Path, demo: bool, speed: float, units: int, zones: int) 
                 # batches (at 10,000 pings/s, 0.04 against 0.08 s of CPU per 1,000 pings,
                 # and a p99 that stays flat instead of climbing; docs/performance.md).
                 settings.partitions = 1
+            if "DOSEWATCH_CONSUMER_ASSIGNMENT" not in os.environ:
+                # The same: each stage takes its partitions itself, rather than waiting for a
+                # group to form (at least a second on this broker, at every start and rollover).
+                settings.consumer_assignment = "all"
         if "DOSEWATCH_DATABASE_URL" not in os.environ and settings.database_url_file is None:
             state_dir.chmod(state_dir.stat().st_mode | 0o711)
             pg = EmbeddedPostgres(

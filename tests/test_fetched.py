@@ -44,10 +44,10 @@ async def _run(bootstrap: str, prefix: str) -> None:
     settings = CommonSettings(
         kafka_bootstrap=bootstrap, topic_prefix=prefix, fetch_max_wait_ms=5, max_poll_records=7
     )
-    ours = kafka.consumer(settings, "fetched", topic)
+    ours = kafka.consumer(settings, "fetched")
     plain = AIOKafkaConsumer(topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest",
                              fetch_max_wait_ms=5, max_poll_records=7)  # fmt: skip
-    await asyncio.gather(ours.start(), plain.start())
+    await asyncio.gather(kafka.start_consumer(ours, settings, topic), plain.start())
     try:
         light, full = await asyncio.gather(_drain(ours, COUNT), _drain(plain, COUNT))
     finally:

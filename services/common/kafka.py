@@ -9,7 +9,7 @@ from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.partitioner import murmur2
 
@@ -52,11 +52,11 @@ def producer(settings: CommonSettings) -> AIOKafkaProducer:
     )
 
 
-def consumer(settings: CommonSettings, group_id: str, *topics: str) -> AIOKafkaConsumer:
-    """A consumer in a group; it hands out records as fetched (`fetched.FetchedRecord`)."""
+def consumer(settings: CommonSettings, group_id: str) -> AIOKafkaConsumer:
+    """A consumer for a group, started by `start_consumer`; it hands out records as fetched
+    (`fetched.FetchedRecord`)."""
     fetched.install()
     return AIOKafkaConsumer(
-        *topics,
         bootstrap_servers=settings.kafka_bootstrap,
         # The topic prefix namespaces the groups too: two deployments on one cluster never
         # share a group (or rebalance each other).
@@ -71,6 +71,48 @@ def consumer(settings: CommonSettings, group_id: str, *topics: str) -> AIOKafkaC
         heartbeat_interval_ms=settings.heartbeat_interval_ms,
         **_security(settings),
     )
+
+
+async def start_consumer(
+    client: AIOKafkaConsumer,
+    settings: CommonSettings,
+    topic: str,
+    listener: ConsumerRebalanceListener | None = None,
+) -> None:
+    """Start a consumer of `topic` (from `consumer`) by `settings.consumer_assignment`: as a
+    member of its group, which hands it partitions through `listener`; or taking every
+    partition itself and handing them to `listener` the same way, with no group to join.
+    Taken by hand, partitions resume from the group's committed offsets unless the listener
+    seeks elsewhere."""
+    if settings.consumer_assignment == "group":
+        client.subscribe([topic], listener=listener)
+        await client.start()
+        return
+    await client.start()
+    try:
+        parts = await all_partitions(client, topic)
+        client.assign(parts)
+        if listener is not None:
+            # Not fetched until the listener has placed them (a stateful stage seeks to the
+            # offsets saved with its state).
+            client.pause(*parts)
+            await listener.on_partitions_assigned(parts)
+            client.resume(*parts)
+    except BaseException:
+        await stop_client(client)
+        raise
+
+
+async def all_partitions(consumer: AIOKafkaConsumer, topic: str) -> list[TopicPartition]:
+    """Every partition of `topic`, as the cluster has it now (the consumer has started)."""
+    await consumer.topics()  # fresh metadata: the topic may have just been made
+    found = consumer.partitions_for_topic(topic)
+    if not found:
+        raise RuntimeError(
+            f"topic {topic} does not exist: create it, or let the services do so "
+            "(DOSEWATCH_CREATE_TOPICS)"
+        )
+    return [TopicPartition(topic, p) for p in sorted(found)]
 
 
 def reader(settings: CommonSettings) -> AIOKafkaConsumer:

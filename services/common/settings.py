@@ -41,6 +41,11 @@ class CommonSettings(BaseSettings):
     max_batch_bytes: int = Field(1_048_576, ge=1024)
     # State, offsets and history are written at most this often (outputs go out per batch).
     commit_interval_ms: int = Field(100, ge=0)
+    # "group": instances share partitions through a consumer group. "all": an instance takes
+    # every partition of its input itself, with no group to join (on the embedded broker a
+    # group's first join waits a second or more): for one instance per stage, as
+    # `dosewatch up` runs; two such instances would each take everything.
+    consumer_assignment: Literal["group", "all"] = "group"
     # Group membership: short timeouts make a dead instance's partitions move on quickly.
     session_timeout_ms: int = Field(3000, ge=1000)
     heartbeat_interval_ms: int = Field(300, ge=100)

@@ -134,8 +134,7 @@ class StatefulService(abc.ABC):
         await self.producer.start()
         self.out = kafka.BatchProducer(self.producer)
         self.consumer = kafka.consumer(s, self.group_id)
-        self.consumer.subscribe([self.topic], listener=_Listener(self))
-        await self.consumer.start()
+        await kafka.start_consumer(self.consumer, s, self.topic, _Listener(self))
 
     async def stop_clients(self) -> None:
         self.ready = False

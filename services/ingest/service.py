@@ -70,8 +70,8 @@ class IngestService:
         self._producer = kafka.producer(s)
         await self._producer.start()
         self._out = kafka.BatchProducer(self._producer)
-        self._consumer = kafka.consumer(s, s.group_id, s.topic_raw)
-        await self._consumer.start()
+        self._consumer = kafka.consumer(s, s.group_id)
+        await kafka.start_consumer(self._consumer, s, s.topic_raw)
         await self.http.start()
         self.ready = True
         log.info("ingest ready", extra={"http_port": self.http.port, "topic": s.topic_raw})
