@@ -99,8 +99,9 @@ class Stack:
 
     async def start(self) -> None:
         self.failed = asyncio.get_running_loop().create_future()
-        # Together: each waits about 2 s for its group to form. Each stage makes the topics
-        # it reads before it subscribes, so none waits on another.
+        # Together: each opens its clients and loads its state (and, in a consumer group,
+        # waits about 2 s for it to form). Each stage makes the topics it reads before it
+        # consumes, so none waits on another.
         await _together(*(self._start(name) for name in STAGES))
         await self.api.start()
         self._run("api", self.api)
@@ -200,16 +201,24 @@ class Stack:
         """Stop everything in the process that reads or writes the broker, each once it has
         read to the end; return the raw records ingest left."""
         await self._halt("ingest")
-        for name in ("geofence", "dosage"):
-            await self._drain(self.stages[name])
-            await self._halt(name)
-        # The API's view too: pings and statuses it has not read would be lost to it.
-        assert self.api.feed is not None
-        await self._drain(self.api.feed)
-        await self._cancel("api")
-        await self.api.feed.disconnect()
-        s = self.ingest_settings
-        return await rollover.read_tail(s, s.group_id, s.topic_raw, DRAIN_TIMEOUT_S)
+        # A stage's input is whole once the stage before it has saved and its outputs are
+        # acked; the rest of its stop (HTTP server, clients) goes on meanwhile.
+        closing: list[asyncio.Task[None]] = []
+        try:
+            for name in ("geofence", "dosage"):
+                await self._drain(self.stages[name])
+                await self._cancel(name)
+                await self.stages[name].quiet()
+                closing.append(asyncio.create_task(self._halt(name)))
+            # The API's view too: pings and statuses it has not read would be lost to it.
+            assert self.api.feed is not None
+            await self._drain(self.api.feed)
+            await self._cancel("api")
+            await self.api.feed.disconnect()
+            s = self.ingest_settings
+            return await rollover.read_tail(s, s.group_id, s.topic_raw, DRAIN_TIMEOUT_S)
+        finally:
+            await _together(*closing)
 
     async def _swap(self, tail: list[rollover.TailRecord]) -> None:
         """A new broker, saved offsets at its start, and the raw tail on it."""
@@ -230,9 +239,8 @@ class Stack:
         await rollover.write_tail(s, s.topic_raw, tail)
 
     async def _resume(self, new_broker: bool) -> None:
-        """Start what `_quiesce` stopped. Together: each start waits about 2 s for its group
-        to form. On a new broker dosage publishes its statuses again, and the API reads the
-        pings topic from its start."""
+        """Start what `_quiesce` stopped, together (as `start`). On a new broker dosage
+        publishes its statuses again, and the API reads the pings topic from its start."""
         assert self.api.feed is not None
         starts = [self._start(name, republish=new_broker and name == "dosage")
                   for name in STAGES if name not in self.stages]  # fmt: skip
@@ -252,7 +260,7 @@ class Stack:
         since_ms = time.time() * 1000
         async with asyncio.timeout(DRAIN_TIMEOUT_S):
             while not await reader.drained(since_ms):
-                await asyncio.sleep(0.05)
+                await asyncio.sleep(0.01)
 
     # -- stages -----------------------------------------------------------------------------
 

@@ -241,6 +241,13 @@ class StatefulService(abc.ABC):
         acks = self.out.take_unacked() if self.out is not None else []
         self.start_save(outputs, offsets, acks)
 
+    async def quiet(self) -> None:
+        """Once `run` has stopped: finish the batch in flight, then save everything applied,
+        after its outputs are acked. What this member wrote is then all on the broker."""
+        if self._stepping is not None:
+            await self._stepping
+        await self.flush()
+
     async def save(self, outputs: list[Any], offsets: dict[int, int]) -> None:
         """Save now, with everything applied before (state never runs ahead of offsets)."""
         self._pending_outputs.extend(outputs)
