@@ -7,6 +7,7 @@ import asyncio
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -20,7 +21,7 @@ import pytest
 from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient
 
-from services.common.embedded import free_port
+from services.common.embedded import EmbeddedError, EmbeddedKafka, EmbeddedProxy, free_port
 
 
 def children(pid: int) -> set[int]:
@@ -172,7 +173,8 @@ def test_a_second_up_says_why_it_cannot_start(state_dir: Path) -> None:
         # (what is in the way, the environment, whether its own broker had started)
         tries = [
             # The same broker port: the running broker would have answered for a new one.
-            (f"port 127.0.0.1:{port.group(1)} is in use",
+            (f"port 127.0.0.1:{port.group(1)} is in use (Address already in use): another "
+             "`dosewatch up` may be running; stop it, or set DOSEWATCH_EMBEDDED_KAFKA_PORT",
              {"DOSEWATCH_EMBEDDED_KAFKA_PORT": port.group(1)}, False),
             # Another port, the same state directory: its PostgreSQL is the running one's.
             ("is already running (pid", {}, True),
@@ -386,3 +388,21 @@ def test_a_dead_proxy_is_started_again(state_dir: Path) -> None:
         out = finish(proc)
     assert proc.returncode == 0
     assert "starting the embedded broker's proxy again" in "".join(lines) + out
+
+
+def test_a_port_taken_says_what_to_do() -> None:
+    """The broker's port was picked free, so only a race takes it: start again. The proxy's is
+    the one set by DOSEWATCH_EMBEDDED_KAFKA_PORT, which the message names."""
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        with pytest.raises(EmbeddedError) as broker:
+            EmbeddedKafka(port).claim()
+        with pytest.raises(EmbeddedError) as proxy:
+            EmbeddedProxy(port, "127.0.0.1:1").claim()
+    assert str(broker.value).startswith(f"the embedded broker's port 127.0.0.1:{port} is in use")
+    assert str(broker.value).endswith("another process took it since it was picked; start again")
+    assert "DOSEWATCH_EMBEDDED_KAFKA_PORT" not in str(broker.value)
+    assert str(proxy.value).startswith(f"the embedded broker's public port 127.0.0.1:{port}")
+    assert "set DOSEWATCH_EMBEDDED_KAFKA_PORT to another port" in str(proxy.value)

@@ -90,8 +90,12 @@ class _Tansu(_Server):
         self.log_path = log_path
         self.proc = None
 
+    port_name = "the embedded broker's port"
+    # What to do when the port is taken: a port picked free was taken since (a race).
+    remedy = "another process took it since it was picked; start again"
+
     def claim(self) -> None:
-        _claim(self.port, "the embedded broker's port", "DOSEWATCH_EMBEDDED_KAFKA_PORT")
+        _claim(self.port, self.port_name, self.remedy)
 
     async def _launch(self, command: str, *args: str, timeout_s: float) -> None:
         self.claim()
@@ -128,6 +132,12 @@ class EmbeddedProxy(_Tansu):
     It advertises its own address, so clients never learn the broker's."""
 
     what = "the embedded broker's proxy"
+    port_name = "the embedded broker's public port"
+    # The one port of `dosewatch up` chosen by setting (clients outside reach the broker by it).
+    remedy = (
+        "another `dosewatch up` may be running; stop it, or set DOSEWATCH_EMBEDDED_KAFKA_PORT to "
+        "another port"
+    )
 
     def __init__(self, port: int, origin: str, log_path: Path | None = None) -> None:
         super().__init__(port, log_path)
@@ -150,7 +160,7 @@ def _exit(code: int) -> str:
         return f"killed by signal {-code}"
 
 
-def _claim(port: int, what: str, setting: str) -> None:
+def _claim(port: int, what: str, remedy: str) -> None:
     """Checked before a server starts: one already listening there (another `dosewatch up`)
     would answer the readiness check in the new one's place. SO_REUSEADDR, as the servers
     bind: connections a stopped stack left in TIME_WAIT do not count, a listener does."""
@@ -160,8 +170,7 @@ def _claim(port: int, what: str, setting: str) -> None:
             s.bind(("127.0.0.1", port))
         except OSError as e:
             raise EmbeddedError(
-                f"{what} 127.0.0.1:{port} is in use ({e.strerror}): another `dosewatch up` may "
-                f"be running; stop it, or set {setting} to another port"
+                f"{what} 127.0.0.1:{port} is in use ({e.strerror}): {remedy}"
             ) from None
 
 
