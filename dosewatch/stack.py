@@ -76,7 +76,6 @@ class Stack:
         broker: EmbeddedKafka | None = None,
         proxy: EmbeddedProxy | None = None,
     ) -> None:
-        self.ingest_settings = ingest
         self._settings: dict[str, Any] = {"ingest": ingest, "geofence": geofence,
                                           "dosage": dosage}  # fmt: skip
         self.api = ApiService(api)
@@ -91,6 +90,12 @@ class Stack:
         self.failed: asyncio.Future[BaseException] | None = None
         # Producers in this process (the demo feed) send under it; a rollover holds it.
         self.gate = asyncio.Lock()
+
+    @property
+    def ingest_settings(self) -> IngestSettings:
+        """Topic names and the broker's address, which every stage shares."""
+        settings: IngestSettings = self._settings["ingest"]
+        return settings
 
     @property
     def services(self) -> list[Any]:
