@@ -34,15 +34,26 @@ async def _run(bootstrap: str, topic: str) -> None:
         await out.send(topic, [(b"u0", b"300")], wait=False)
         await out.acked()
         assert out.take_unacked() == []
+        # settled: every send answered, waited for or not
+        await out.send(topic, [(b"u1", b"301")], wait=False)
+        unawaited = out.take_unacked()
+        await out.settled()
+        assert unawaited and all(f.done() for f in unawaited)
     finally:
         await producer.stop()
+    # Where each partition's records end, from the acks: the offset after the last one.
+    per_partition = [0, 0, 0]
+    for k in [*keys, b"u0", b"u1"]:
+        per_partition[partition_for(k, 3)] += 1
+    assert out.ends_of(topic) == {p: n for p, n in enumerate(per_partition) if n}
+    assert out.ends_of("another") == {}
 
     consumer = AIOKafkaConsumer(topic, bootstrap_servers=bootstrap,
                                 auto_offset_reset="earliest", fetch_max_wait_ms=5)  # fmt: skip
     await consumer.start()
     got: dict[bytes, list[int]] = {}
     try:
-        while sum(len(v) for v in got.values()) < 301:
+        while sum(len(v) for v in got.values()) < 302:
             for tp, batch in (await consumer.getmany(timeout_ms=1000)).items():
                 for r in batch:
                     assert r.key is not None and r.value is not None
@@ -51,7 +62,8 @@ async def _run(bootstrap: str, topic: str) -> None:
     finally:
         await consumer.stop()
     for key, values in got.items():
-        expected = [i for i, k in enumerate(keys) if k == key] + ([300] if key == b"u0" else [])
+        expected = [i for i, k in enumerate(keys) if k == key]
+        expected += {b"u0": [300], b"u1": [301]}.get(key, [])
         assert values == expected  # one key's records keep their order across batches
 
 

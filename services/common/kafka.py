@@ -7,6 +7,8 @@ import logging
 import ssl
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
@@ -213,6 +215,20 @@ _HASHES: dict[bytes, int] = {}
 _HASHES_MAX = 200_000
 
 
+@dataclass(frozen=True, slots=True)
+class MovedFrom:
+    """What a stage left on the broker it moved from (`dosewatch up`'s broker handover): its
+    clients there, to be stopped, and its producer's record of where its outputs end."""
+
+    consumer: AIOKafkaConsumer
+    producer: AIOKafkaProducer
+    out: BatchProducer
+
+    async def close(self) -> None:
+        await stop_client(self.consumer)
+        await stop_client(self.producer)
+
+
 # key, value, timestamp (ms; None: now), headers
 Row = tuple[bytes | None, bytes | None, int | None, list[tuple[str, bytes]]]
 
@@ -230,6 +246,10 @@ class BatchProducer:
         self._producer = producer
         self._partitions: dict[str, list[int]] = {}
         self._unacked: list[asyncio.Future[Any]] = []
+        self._in_flight: set[asyncio.Future[Any]] = set()
+        # (topic, partition) -> the offset after the last record acked there: where a reader
+        # of what this producer wrote has read it all (`dosewatch.stack`'s broker handover).
+        self.ends: dict[tuple[str, int], int] = {}
 
     async def _count(self, topic: str) -> list[int]:
         parts = self._partitions.get(topic)
@@ -287,10 +307,30 @@ class BatchProducer:
 
     async def _queue(self, batch: Any, topic: str, partition: int) -> asyncio.Future[Any]:
         batch.close()
+        count = batch.record_count()
         future: asyncio.Future[Any] = await self._producer.send_batch(
             batch, topic, partition=partition
         )
+        self._in_flight.add(future)
+        future.add_done_callback(partial(self._acked, (topic, partition), count))
         return future
+
+    def _acked(self, where: tuple[str, int], count: int, future: asyncio.Future[Any]) -> None:
+        self._in_flight.discard(future)
+        if not future.cancelled() and future.exception() is None:
+            end = future.result().offset + count  # a batch's acked offset is its first record's
+            if end > self.ends.get(where, 0):
+                self.ends[where] = end
+
+    async def settled(self) -> None:
+        """Wait until everything sent so far is answered (acked or failed), whether or not
+        its sender waits for it."""
+        while self._in_flight:
+            await asyncio.gather(*self._in_flight, return_exceptions=True)
+
+    def ends_of(self, topic: str) -> dict[int, int]:
+        """Partition -> the offset after the last record acked there, for `topic`."""
+        return {p: end for (t, p), end in self.ends.items() if t == topic}
 
     def take_unacked(self) -> list[asyncio.Future[Any]]:
         """The acks of everything sent with `wait=False` since the last take."""
@@ -308,6 +348,7 @@ __all__ = [
     "COMPACTED",
     "BatchProducer",
     "ConsumerRebalanceListener",
+    "MovedFrom",
     "consumer",
     "ensure_topics",
     "partition_for",
