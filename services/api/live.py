@@ -63,10 +63,13 @@ class LiveFeed:
         await self._connect_listener()
         await self.connect()
 
-    async def connect(self, pings_from_start: bool = False) -> None:
-        """Read the broker: statuses from the beginning, pings from now on (or, on a broker
-        that is new, from its beginning). The view held so far stays; what is read updates it."""
+    async def connect(self, pings_from_start: bool = False, bootstrap: str | None = None) -> None:
+        """Read the broker (or the one at `bootstrap`, which it moved to): statuses from the
+        beginning, pings from now on (or, on a broker that is new, from its beginning). The
+        view held so far stays; what is read updates it."""
         s = self.ctx.settings
+        if bootstrap is not None:
+            s = self.ctx.settings = s.model_copy(update={"kafka_bootstrap": bootstrap})
         status_topic, pings_topic = s.topic("dosage.zone-status"), s.topic_pings
         await kafka.ensure_topics(s, {status_topic: kafka.COMPACTED, pings_topic: {}})
         self.lag = LagWatch("api", s.consumer_stall_s)  # offsets start afresh with a consumer

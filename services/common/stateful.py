@@ -53,6 +53,21 @@ class _Listener(kafka.ConsumerRebalanceListener):  # type: ignore[misc]
             await self.owner.assign([tp.partition for tp in assigned])
 
 
+class _FromStart(kafka.ConsumerRebalanceListener):  # type: ignore[misc]
+    """Partitions on a broker this member moves to: its topics are new, so they are read from
+    the start, and the state held goes on (`StatefulService.move`)."""
+
+    def __init__(self, consumer: AIOKafkaConsumer) -> None:
+        self.consumer = consumer
+
+    async def on_partitions_assigned(self, assigned: Sequence[TopicPartition]) -> None:
+        for tp in assigned:
+            self.consumer.seek(tp, 0)
+
+    async def on_partitions_revoked(self, revoked: Sequence[TopicPartition]) -> None:
+        return None
+
+
 class StatefulService(abc.ABC):
     name: str
 
@@ -78,6 +93,7 @@ class StatefulService(abc.ABC):
         self._pending_offsets: dict[int, int] = {}
         self._last_save = 0.0
         self.lag = LagWatch(self.name, settings.consumer_stall_s)
+        self._next: tuple[CommonSettings, AIOKafkaProducer, AIOKafkaConsumer] | None = None
         self.store = PartitionStateStore(self.name, topic)
         self.ready = False
 
@@ -146,6 +162,7 @@ class StatefulService(abc.ABC):
             await kafka.stop_client(self.consumer)
         if self.producer is not None:
             await kafka.stop_client(self.producer)
+        await self.cancel_move()
         if self.pool is not None:
             await self.pool.close()
 
@@ -247,6 +264,50 @@ class StatefulService(abc.ABC):
         if self._stepping is not None:
             await self._stepping
         await self.flush()
+
+    # -- moving to another broker (`dosewatch up`'s embedded one, renewed) --------------------
+
+    async def prepare_move(self, bootstrap: str) -> None:
+        """Open clients on another broker, one whose topics are new, reading its input from the
+        start; `move` takes them up."""
+        s = self.settings.model_copy(update={"kafka_bootstrap": bootstrap})
+        producer = kafka.producer(s)
+        await producer.start()
+        consumer = kafka.consumer(s, self.group_id)
+        try:
+            await kafka.start_consumer(consumer, s, self.topic, _FromStart(consumer))
+        except BaseException:
+            await kafka.stop_client(producer)
+            raise
+        self._next = (s, producer, consumer)
+
+    async def cancel_move(self) -> None:
+        """Close the clients `prepare_move` opened, if any (the move did not come)."""
+        if self._next is not None:
+            _settings, producer, consumer = self._next
+            self._next = None
+            await kafka.stop_client(consumer)
+            await kafka.stop_client(producer)
+
+    async def reached(self, ends: dict[int, int]) -> bool:
+        """Whether every record before `ends` (partition -> offset) has been handed out."""
+        assert self.consumer is not None
+        for tp in self.consumer.assignment():
+            if await self.consumer.position(tp) < ends.get(tp.partition, 0):
+                return False
+        return True
+
+    async def move(self) -> kafka.MovedFrom:
+        """Once `run` has stopped, having read its input on the old broker to the end: save
+        it all (outputs acked), then go on with the clients `prepare_move` opened."""
+        assert self._next is not None and self.consumer is not None
+        assert self.producer is not None and self.out is not None
+        await self.quiet()
+        left = kafka.MovedFrom(self.consumer, self.producer, self.out)
+        self.settings, self.producer, self.consumer = self._next
+        self.out = kafka.BatchProducer(self.producer)
+        self._next = None
+        return left
 
     async def save(self, outputs: list[Any], offsets: dict[int, int]) -> None:
         """Save now, with everything applied before (state never runs ahead of offsets)."""

@@ -133,6 +133,12 @@ class DosageService(StatefulService):
             self.republish = False
             await self.publish(self._statuses(partitions))
 
+    async def move(self) -> kafka.MovedFrom:
+        left = await super().move()
+        # The new broker's status topic is empty, and the API rebuilds its view from it.
+        await self.publish(self._statuses(sorted(self.partitions)))
+        return left
+
     def _statuses(self, partitions: list[int]) -> list[Output]:
         """The current status of every zone these partitions own (every board holds every
         zone's rules; a zone's visits, and so its status, go to the partition of its key)."""

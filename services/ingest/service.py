@@ -7,6 +7,7 @@ so a crash repeats a few pings at worst, and the rules treat a repeated ping as 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import time
@@ -20,6 +21,7 @@ from pydantic import Field
 
 from schemas.ping import PingError
 from services.common import kafka
+from services.common.fetched import FetchedRecord
 from services.common.http import HttpServer, probe_app
 from services.common.lag import LagWatch
 from services.common.metrics import EVENTS_OUT, LATENCY, PINGS_IN, PINGS_REJECTED
@@ -58,6 +60,9 @@ class IngestService:
         self._out: kafka.BatchProducer | None = None
         self._consumed: dict[TopicPartition, int] = {}  # the next offsets, since the last commit
         self._committing: asyncio.Task[None] | None = None
+        self._stepping: asyncio.Task[None] | None = None
+        self._last_commit = 0.0
+        self._next: tuple[AIOKafkaProducer, AIOKafkaConsumer] | None = None
         self._lag = LagWatch(SERVICE, settings.consumer_stall_s)
         # Well-formed single pings the fast way; every other message by the rules, guarded.
         self._rules = functools.partial(_guarded, normalise_message)
@@ -79,6 +84,9 @@ class IngestService:
     async def stop(self) -> None:
         self.ready = False
         await self.http.stop()
+        if self._stepping is not None:
+            with contextlib.suppress(Exception, asyncio.CancelledError):
+                await asyncio.wait_for(self._stepping, 10)
         if self._committing is not None:
             try:
                 await self._committing
@@ -88,45 +96,104 @@ class IngestService:
             await kafka.stop_client(self._consumer)
         if self._producer is not None:
             await kafka.stop_client(self._producer)
+        await self.cancel_move()
+
+    async def quiet(self) -> None:
+        """Once `run` has stopped: finish the batch in flight and commit what was read, after
+        its outputs are acked."""
+        if self._stepping is not None:
+            await self._stepping
+        if self._consumed:
+            self._commit()
+        if self._committing is not None:
+            await self._committing
+
+    # -- moving to another broker (`dosewatch up`'s embedded one, renewed) --------------------
+
+    async def prepare_move(self, bootstrap: str) -> None:
+        """Open clients on another broker, one whose topics are new; `move` takes them up.
+        Its group has no commits there, so the raw topic is read from the start."""
+        s = self.settings.model_copy(update={"kafka_bootstrap": bootstrap})
+        producer = kafka.producer(s)
+        await producer.start()
+        consumer = kafka.consumer(s, s.group_id)
+        try:
+            await kafka.start_consumer(consumer, s, s.topic_raw)
+        except BaseException:
+            await kafka.stop_client(producer)
+            raise
+        self._next = (producer, consumer)
+
+    async def cancel_move(self) -> None:
+        """Close the clients `prepare_move` opened, if any (the move did not come)."""
+        if self._next is not None:
+            producer, consumer = self._next
+            self._next = None
+            await kafka.stop_client(consumer)
+            await kafka.stop_client(producer)
+
+    async def drained(self, since_ms: float) -> bool:
+        """Whether every raw record has been handed out, as of `since_ms` (`kafka.caught_up`)."""
+        assert self._consumer is not None
+        return await kafka.caught_up(self._consumer, since_ms)
+
+    async def move(self) -> kafka.MovedFrom:
+        """Once `run` has stopped, having read the old broker's raw topic to the end: commit,
+        then go on with the clients `prepare_move` opened. The HTTP intake sends to the new
+        broker from then on; what it sent to the old one is acked before this returns."""
+        assert self._next is not None and self._consumer is not None
+        assert self._producer is not None and self._out is not None
+        await self.quiet()
+        left = kafka.MovedFrom(self._consumer, self._producer, self._out)
+        self._producer, self._consumer = self._next
+        self._out = kafka.BatchProducer(self._producer)
+        self._consumed, self._next = {}, None
+        await left.out.settled()
+        return left
 
     async def run(self) -> None:
         assert self._consumer is not None and self._out is not None
         consumer = self._consumer
-        last_commit = 0.0
         while True:
             if self._committing is not None and self._committing.done():
                 self._committing.result()  # a failed ack or commit stops the service, as before
             batches = await consumer.getmany(timeout_ms=100)
             self._lag.fetched(consumer, batches, time.monotonic())
             if not batches:
-                if self._consumed and time.monotonic() - last_commit > 1.0:
+                if self._consumed and time.monotonic() - self._last_commit > 1.0:
                     self._commit()
                 continue
-            keys: list[bytes] = []
-            values: list[bytes] = []
-            newest: list[int] = []
-            dead: list[bytes] = []
-            for tp, records in batches.items():
-                raws = [r.value or b"" for r in records]
-                done = self._normalise(raws)
-                keys += done.keys
-                values += done.values
-                if done.newest_ms is not None:
-                    newest.append(done.newest_ms)
-                for k, bad in done.rejected:
-                    source = {"topic": tp.topic, "partition": tp.partition,
-                              "offset": records[k].offset}  # fmt: skip
-                    dead.append(dead_letter(raws[k], bad, source))
-                self._count(done.pings, [r for _, bad in done.rejected for r in bad], "kafka")
-                self._consumed[tp] = records[-1].offset + 1
-            # Not waiting for the acks here lets the next fetch overlap them; the commit does.
-            await self._publish(zip(keys, values, strict=True), len(keys), newest, dead, wait=False)
-            now = time.monotonic()
-            if now - last_commit >= self.settings.commit_interval_ms / 1000:
-                # At least once: a crash repeats at most an interval of pings, which the
-                # rules discard as duplicates.
-                self._commit()
-                last_commit = now
+            # Shielded: a stop or a move waits for the batch (`quiet`) instead of cutting it
+            # between taking its records and queueing its outputs.
+            self._stepping = asyncio.create_task(self._step(batches))
+            await asyncio.shield(self._stepping)
+
+    async def _step(self, batches: dict[TopicPartition, list[FetchedRecord]]) -> None:
+        keys: list[bytes] = []
+        values: list[bytes] = []
+        newest: list[int] = []
+        dead: list[bytes] = []
+        for tp, records in batches.items():
+            raws = [r.value or b"" for r in records]
+            done = self._normalise(raws)
+            keys += done.keys
+            values += done.values
+            if done.newest_ms is not None:
+                newest.append(done.newest_ms)
+            for k, bad in done.rejected:
+                source = {"topic": tp.topic, "partition": tp.partition,
+                          "offset": records[k].offset}  # fmt: skip
+                dead.append(dead_letter(raws[k], bad, source))
+            self._count(done.pings, [r for _, bad in done.rejected for r in bad], "kafka")
+            self._consumed[tp] = records[-1].offset + 1
+        # Not waiting for the acks here lets the next fetch overlap them; the commit does.
+        await self._publish(zip(keys, values, strict=True), len(keys), newest, dead, wait=False)
+        now = time.monotonic()
+        if now - self._last_commit >= self.settings.commit_interval_ms / 1000:
+            # At least once: a crash repeats at most an interval of pings, which the
+            # rules discard as duplicates.
+            self._commit()
+            self._last_commit = now
 
     def _commit(self) -> None:
         """Commit the offsets consumed so far once their outputs are acked, in the background:
@@ -249,7 +316,7 @@ class IngestService:
         source: str,
     ) -> JSONResponse:
         if not self.ready:
-            # Starting, stopping, or stopped for a rollover of `dosewatch up`: soon back.
+            # Starting or stopping: soon back (or another instance takes it).
             return _problem(503, "not ready", {"Retry-After": "1"})
         self._count(len(ok) + len(bad), bad, source)
         dead = [dead_letter(raw, bad, {"http": source})] if bad else []
