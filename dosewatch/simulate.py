@@ -426,8 +426,9 @@ async def stream(
     wall time it is sent at (ingest refuses future timestamps), so at speed 10 a 15-minute stop
     lasts 90 s on the clock.
 
-    Each send holds `gate`, if given: whoever takes it (a broker rollover) holds the pings
-    back, and they go out afterwards with the times they were made at."""
+    Each send holds `gate`, if given: whoever takes it (a broker rollover, while it starts
+    the proxy again) holds the pings back, and they go out afterwards with the times they
+    were made at."""
     if units < 1 or speed <= 0 or rate <= 0 or (interval_s is not None and interval_s <= 0):
         raise SimulateError("units, rate, interval and speed must be positive")
     wall_interval = interval_s if interval_s is not None else units / rate
@@ -516,8 +517,8 @@ class _KafkaSink:
 class _HttpSink:
     """POST /v1/pings with JSON arrays. urllib in a thread: no HTTP client at run time.
 
-    An intake that was reached once and then refuses or answers 503/429 is restarting (a
-    rollover of `dosewatch up` stops ingest for about 3 s) or busy: the batch is posted again
+    An intake that was reached once and then refuses or answers 503/429 is restarting or
+    busy: the batch is posted again
     until it is taken, for up to `retry_for_s`, so no ping is dropped on the way. A first
     contact that fails is a wrong address, said at once."""
 

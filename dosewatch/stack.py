@@ -5,13 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 import logging
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
+from functools import partial
 from typing import Any
-
-import asyncpg
 
 from dosewatch import rollover
 from services.api.service import ApiService
@@ -19,7 +17,7 @@ from services.api.settings import ApiSettings
 from services.common import kafka
 from services.common.embedded import EmbeddedKafka, EmbeddedProxy
 from services.common.metrics import BROKER_ROLLOVERS
-from services.common.runner import cancelling, settle_gc
+from services.common.runner import cancelling
 from services.dosage.service import DosageService, DosageSettings
 from services.geofence.service import GeofenceService, GeofenceSettings
 from services.ingest.service import IngestService, IngestSettings
@@ -63,7 +61,23 @@ async def _together(*steps: Awaitable[None]) -> None:
 
 
 class RolloverAbandoned(RuntimeError):
-    """A stage did not catch up in time; the stack resumed on the broker it had."""
+    """The new broker, or the stages' clients on it, did not start: nothing moved, and the
+    stack goes on on the broker it had."""
+
+
+async def _until(done: Callable[[], Awaitable[bool]], who: str) -> None:
+    """Poll `done` until it holds; a stage reads its input's last records within
+    milliseconds, unless it is far behind. Past `DRAIN_TIMEOUT_S` the stack cannot go on:
+    stages before this one have moved, and this one is stuck."""
+    try:
+        async with asyncio.timeout(DRAIN_TIMEOUT_S):
+            while not await done():
+                await asyncio.sleep(0.002)
+    except TimeoutError:
+        raise RuntimeError(
+            f"broker rollover stuck: {who} did not read its input on the old broker to the end "
+            f"in {DRAIN_TIMEOUT_S:.0f} s"
+        ) from None
 
 
 class Stack:
@@ -85,7 +99,7 @@ class Stack:
         self._ports: dict[str, int] = {}  # a stage started again keeps its HTTP address
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._supervised: list[asyncio.Task[Any]] = []
-        self._rolling: asyncio.Task[tuple[float, int]] | None = None
+        self._rolling: asyncio.Task[dict[str, float]] | None = None
         # Set to the error of the first task to end on its own (they run until stopped).
         self.failed: asyncio.Future[BaseException] | None = None
         # Producers in this process (the demo feed) send under it; a rollover holds it.
@@ -135,11 +149,11 @@ class Stack:
 
     async def watch_broker(self, limit: int, every_s: float) -> None:
         """Roll over once any partition holds `limit` records (a bound on its batches)."""
-        s = self.ingest_settings
-        topics = [s.topic_raw, s.topic_pings, s.topic_dlq, s.topic_visits, s.topic_status,
-                  s.topic_audit]  # fmt: skip
         while True:
             await asyncio.sleep(every_s)
+            s = self.ingest_settings  # on the broker of the moment
+            topics = [s.topic_raw, s.topic_pings, s.topic_dlq, s.topic_visits, s.topic_status,
+                      s.topic_audit]  # fmt: skip
             try:
                 ends = await rollover.end_offsets(s, topics)
             except Exception as exc:  # aiokafka's errors share no useful base; asked again
@@ -153,119 +167,110 @@ class Stack:
             # Shielded: a stop that comes meanwhile waits for it to finish (see `stop`).
             self._rolling = asyncio.create_task(self.roll_over())
             try:
-                paused_s, tail = await asyncio.shield(self._rolling)
+                steps = await asyncio.shield(self._rolling)
             except RolloverAbandoned as exc:
                 BROKER_ROLLOVERS.labels("abandoned").inc()
                 log.error("broker rollover abandoned", extra={"reason": str(exc)})
                 continue
             BROKER_ROLLOVERS.labels("done").inc()
-            log.info("embedded broker rolled over",
-                     extra={"paused_s": round(paused_s, 3), "tail_records": tail})  # fmt: skip
+            log.info("embedded broker rolled over", extra=steps)
 
-    async def roll_over(self) -> tuple[float, int]:
-        """Drain the stages, start a new broker, resume them on it with their state.
+    async def roll_over(self) -> dict[str, float]:
+        """Move every stage to a fresh embedded broker, one after another in pipeline order,
+        each between two of its batches: what is in flight keeps flowing.
 
-        Clients outside the process are shut out first (the proxy stops; their requests in
-        flight fail, and they send them again), then ingest stops, so its input stands still;
-        each stage downstream reads to the end and saves, and so does the API's feed. Raw
-        records ingest had not committed are carried over, and outside clients come back once
-        they are on the new broker. The API keeps serving (and its websockets stay open)
-        while its feed lets go of the old broker and reads the new one; dosage publishes every
-        zone's status again for the status topic. Should anything not read to the end in
-        time, everything resumes on the old broker (`RolloverAbandoned`).
-        Returns the seconds input stood still and the raw records carried over."""
+        A new broker starts beside the old one, and every stage opens clients on it. Clients
+        outside the process go first: the proxy starts again in front of the new broker
+        (their requests in flight fail, and they send them there). Then ingest, once it has
+        read the old raw topic to its end, which nothing writes any more; then each stage
+        once it has read up to where the stage before it left its outputs on the old broker.
+        A stage that moves saves what it did there and reads its new topics from their start,
+        with its state in hand. The API's feed follows dosage, which publishes every zone's
+        status again (the API rebuilds its view from that compacted topic). Then the old
+        broker is killed.
+
+        Should the new broker or a stage's clients on it fail to start, nothing has moved:
+        the stack goes on where it was (`RolloverAbandoned`). Returns, in seconds, how long
+        the preparing took and when each stage had moved, from the proxy's restart."""
         assert self.broker is not None, "only the embedded broker is rolled over"
         started = time.monotonic()
-        async with self.gate:
-            # The stages about to be replaced were frozen with the process (settle_gc):
-            # thawed, the collector can free them.
-            gc.unfreeze()
-            if self.proxy is not None:
-                await self.proxy.stop()
-            try:
-                tail = await self._quiesce()
-            except TimeoutError:
-                await self._resume(new_broker=False)
-                await self._reopen()
-                settle_gc()
-                raise RolloverAbandoned(
-                    f"a reader did not reach the end in {DRAIN_TIMEOUT_S:.0f} s"
-                ) from None
-            quiet = time.monotonic()
-            await self._swap(tail)
-            await self._reopen()
-            swapped = time.monotonic()
-            await self._resume(new_broker=True)
-            settle_gc()
-        log.info("broker rollover steps", extra={
-            "drain_s": round(quiet - started, 3), "swap_s": round(swapped - quiet, 3),
-            "start_s": round(time.monotonic() - swapped, 3)})  # fmt: skip
-        return time.monotonic() - started, len(tail)
-
-    async def _quiesce(self) -> list[rollover.TailRecord]:
-        """Stop everything in the process that reads or writes the broker, each once it has
-        read to the end; return the raw records ingest left."""
-        await self._halt("ingest")
-        # A stage's input is whole once the stage before it has saved and its outputs are
-        # acked; the rest of its stop (HTTP server, clients) goes on meanwhile.
-        closing: list[asyncio.Task[None]] = []
         try:
-            for name in ("geofence", "dosage"):
-                await self._drain(self.stages[name])
-                await self._cancel(name)
-                await self.stages[name].quiet()
-                closing.append(asyncio.create_task(self._halt(name)))
-            # The API's view too: pings and statuses it has not read would be lost to it.
-            assert self.api.feed is not None
-            await self._drain(self.api.feed)
-            await self._cancel("api")
-            await self.api.feed.disconnect()
-            s = self.ingest_settings
-            return await rollover.read_tail(s, s.group_id, s.topic_raw, DRAIN_TIMEOUT_S)
-        finally:
-            await _together(*closing)
-
-    async def _swap(self, tail: list[rollover.TailRecord]) -> None:
-        """A new broker, saved offsets at its start, and the raw tail on it."""
-        assert self.broker is not None
-        expected = _ExpectedLoss()
-        logging.getLogger("aiokafka").addFilter(expected)
+            following = await self.broker.successor()
+        except Exception as exc:
+            raise RolloverAbandoned(f"a new broker did not start: {exc!r}") from exc
         try:
-            await self.broker.restart()
-        finally:
-            logging.getLogger("aiokafka").removeFilter(expected)
-        s = self.ingest_settings
-        conn = await asyncpg.connect(s.database_url.get_secret_value())
+            await self._prepare(following.bootstrap)
+        except Exception as exc:
+            await self.broker.retire(following.proc)
+            raise RolloverAbandoned(f"the stages could not reach the new broker: {exc!r}") from exc
+        old = self.broker.adopt(following)
+        for name in STAGES:
+            self._settings[name] = self._settings[name].model_copy(
+                update={"kafka_bootstrap": following.bootstrap}
+            )
+        steps = {"prepare_s": time.monotonic() - started}
+        left: list[kafka.MovedFrom] = []
         try:
-            await rollover.restart_offsets(conn)
+            moving = time.monotonic()
+            async with self.gate:
+                if self.proxy is not None:
+                    expected = _ExpectedLoss()
+                    logging.getLogger("aiokafka").addFilter(expected)
+                    try:
+                        await self.proxy.stop()
+                        self.proxy.origin = following.bootstrap
+                        await self.proxy.start()
+                    finally:
+                        logging.getLogger("aiokafka").removeFilter(expected)
+            since_ms = time.time() * 1000  # nothing writes the old raw topic from here on
+            left.append(await self._move("ingest", partial(self.stages["ingest"].drained,
+                                                           since_ms)))  # fmt: skip
+            steps["ingest_s"] = time.monotonic() - moving
+            for name, topic in (("geofence", self.ingest_settings.topic_pings),
+                                ("dosage", self.ingest_settings.topic_visits)):  # fmt: skip
+                ends = left[-1].out.ends_of(topic)  # where the stage before left its outputs
+                left.append(await self._move(name, partial(self.stages[name].reached, ends)))
+                steps[f"{name}_s"] = time.monotonic() - moving
+            await self._move_api(following.bootstrap)
+            steps["api_s"] = time.monotonic() - moving
         finally:
-            await conn.close()
-        await kafka.ensure_topics(s, {s.topic_raw: {}})
-        await rollover.write_tail(s, s.topic_raw, tail)
+            for moved in left:
+                await stop_step(moved.close())
+            await self.broker.retire(old)
+        return {k: round(v, 3) for k, v in steps.items()}
 
-    async def _resume(self, new_broker: bool) -> None:
-        """Start what `_quiesce` stopped, together (as `start`). On a new broker dosage
-        publishes its statuses again, and the API reads the pings topic from its start."""
-        assert self.api.feed is not None
-        starts = [self._start(name, republish=new_broker and name == "dosage")
-                  for name in STAGES if name not in self.stages]  # fmt: skip
-        if self.api.feed.consumer is None:
-            starts.append(self.api.feed.connect(pings_from_start=new_broker))
-        await _together(*starts)
-        if "api" not in self._tasks:
-            self._run("api", self.api)
+    async def _prepare(self, bootstrap: str) -> None:
+        """The new broker's topics, and every stage's clients on it; none left open on failure."""
+        s = self.ingest_settings.model_copy(update={"kafka_bootstrap": bootstrap})
+        await kafka.ensure_topics(s, {s.topic_raw: {}, s.topic_pings: {}, s.topic_dlq: {},
+                                      s.topic_visits: {}, s.topic_status: kafka.COMPACTED,
+                                      s.topic_audit: {}})  # fmt: skip
+        try:
+            await _together(*(self.stages[n].prepare_move(bootstrap) for n in STAGES))
+        except BaseException:
+            await _together(*(self.stages[n].cancel_move() for n in STAGES))
+            raise
 
-    async def _reopen(self) -> None:
-        if self.proxy is not None:
-            await self.proxy.start()
+    async def _move(self, name: str, reached: Callable[[], Awaitable[bool]]) -> kafka.MovedFrom:
+        """Once a stage has read its input on the old broker to the end: stop its loop between
+        two batches, move it, and start the loop again on the new broker."""
+        await _until(reached, name)
+        await self._cancel(name)
+        left: kafka.MovedFrom = await self.stages[name].move()
+        self._run(name, self.stages[name])
+        return left
 
-    async def _drain(self, reader: Any) -> None:
-        """Wait until a stage (or the API's feed) has read its input to the end; call it once
-        what writes that input has stopped."""
+    async def _move_api(self, bootstrap: str) -> None:
+        """The API's feed reads what dosage left on the old broker, then the new topics from
+        their start; the API answers and its websockets stay open meanwhile."""
+        feed = self.api.feed
+        assert feed is not None
         since_ms = time.time() * 1000
-        async with asyncio.timeout(DRAIN_TIMEOUT_S):
-            while not await reader.drained(since_ms):
-                await asyncio.sleep(0.01)
+        await _until(partial(feed.drained, since_ms), "the API's feed")
+        await self._cancel("api")
+        await feed.disconnect()
+        await feed.connect(pings_from_start=True, bootstrap=bootstrap)
+        self._run("api", self.api)
 
     # -- stages -----------------------------------------------------------------------------
 

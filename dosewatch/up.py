@@ -70,7 +70,7 @@ async def up(state_dir: Path, demo: bool, speed: float, units: int, zones: int) 
     try:
         if "DOSEWATCH_KAFKA_BOOTSTRAP" not in os.environ:
             # The stages talk to the broker on a port of its own; everyone else through the
-            # proxy on the public one, which a rollover closes while it reads what is left.
+            # proxy on the public one, which a rollover starts again in front of a new broker.
             broker = EmbeddedKafka(free_port(), state_dir / "tansu.log")
             proxy = EmbeddedProxy(settings.embedded_kafka_port, broker.bootstrap,
                                   state_dir / "tansu.log")  # fmt: skip
@@ -137,8 +137,11 @@ async def up(state_dir: Path, demo: bool, speed: float, units: int, zones: int) 
         services = stack.services
         settle_gc()
         if demo:
+            # Through the proxy, as any outside client: the broker behind it changes at a
+            # rollover.
+            feed = settings.model_copy(update={"kafka_bootstrap": public})
             stack.supervise(asyncio.create_task(
-                _stream_demo(settings, speed, units, zones, stack.gate)))  # fmt: skip
+                _stream_demo(feed, speed, units, zones, stack.gate)))  # fmt: skip
         for server in embedded:
             stack.supervise(asyncio.create_task(_watch(server, stack.gate)))
         if kafka_server is not None and settings.embedded_kafka_rollover_records:

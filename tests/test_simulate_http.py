@@ -1,6 +1,6 @@
-"""`dosewatch simulate --http` against an intake that is busy or restarting (a rollover of
-`dosewatch up` stops ingest for about 3 s): the batch is posted again until it is taken, and
-nothing is dropped; an address never reached is said at once. Real HTTP servers on loopback."""
+"""`dosewatch simulate --http` against an intake that is busy or restarting: the batch is
+posted again until it is taken, and nothing is dropped; an address never reached is said at
+once. Real HTTP servers on loopback."""
 
 from __future__ import annotations
 

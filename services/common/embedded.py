@@ -119,17 +119,32 @@ class EmbeddedKafka(_Tansu):
     async def stop(self) -> None:
         await self._stop(signal.SIGTERM)
 
-    async def restart(self) -> None:
-        """A new, empty broker on the same port. Killed, not stopped: stopping waits about 5 s
-        for clients still connected (the demo feed), and the log is thrown away anyway."""
-        await self._stop(signal.SIGKILL)
-        await self.start()
+    async def successor(self) -> EmbeddedKafka:
+        """A new, empty broker beside this one, on a free port of its own, logging where this
+        one does."""
+        following = EmbeddedKafka(free_port(), self.log_path)
+        await following.start()
+        return following
+
+    def adopt(self, following: EmbeddedKafka) -> asyncio.subprocess.Process | None:
+        """Become `following` (this object is the one watched and stopped); returns the old
+        process, which goes on serving the clients it has until `retire`."""
+        old = self.proc
+        self.proc, self.port, self.bootstrap = following.proc, following.port, following.bootstrap
+        self._planned = False
+        return old
+
+    @staticmethod
+    async def retire(proc: asyncio.subprocess.Process | None) -> None:
+        """Kill a broker once nothing reads it. Killed, not stopped: stopping waits about 5 s
+        for clients still connected, and its records are thrown away anyway."""
+        await _stop(proc, signal.SIGKILL)
 
 
 class EmbeddedProxy(_Tansu):
     """Tansu's Kafka proxy: clients outside the process reach the embedded broker through it,
-    so a rollover can shut them out before it reads what they wrote (`dosewatch.stack`).
-    It advertises its own address, so clients never learn the broker's."""
+    so a rollover can move them to a new broker (`dosewatch.stack`) by starting it again in
+    front of that one. It advertises its own address, so clients never learn the broker's."""
 
     what = "the embedded broker's proxy"
     port_name = "the embedded broker's public port"

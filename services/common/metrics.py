@@ -36,6 +36,6 @@ SAVE_WAIT = Counter(
 DB_RETRIES = Counter("dosewatch_db_retries_total", "Database operations retried", ["service"])
 BROKER_ROLLOVERS = Counter(
     "dosewatch_embedded_broker_rollovers_total",
-    "`dosewatch up` moving to a fresh embedded broker (done, or abandoned and resumed)",
+    "`dosewatch up` moving to a fresh embedded broker (done, or abandoned before anything moved)",
     ["outcome"],
 )
