@@ -29,8 +29,9 @@ DRAIN_TIMEOUT_S = 60.0
 
 
 class _ExpectedLoss(logging.Filter):
-    """Kafka clients that outlive a broker swap (the demo feed's producer) log losing it as
-    an error; during the swap that is expected, so it is logged as info."""
+    """Kafka clients in this process that go through the proxy (the demo feed's producer) log
+    losing it as an error; while a rollover starts it again that is expected, so it is logged
+    as info."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         if record.levelno >= logging.ERROR:
