@@ -132,18 +132,6 @@ def reader(settings: CommonSettings) -> AIOKafkaConsumer:
     )
 
 
-def group_reader(settings: CommonSettings, group_id: str) -> AIOKafkaConsumer:
-    """A consumer that reads a group's committed offsets without joining it (`assign` only),
-    and hands out whole records, headers included."""
-    return AIOKafkaConsumer(
-        bootstrap_servers=settings.kafka_bootstrap,
-        group_id=settings.topic_prefix + group_id,
-        enable_auto_commit=False,
-        fetch_max_wait_ms=max(1, settings.fetch_max_wait_ms),
-        **_security(settings),
-    )
-
-
 ANSWER_MARGIN_MS = 20
 
 

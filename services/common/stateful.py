@@ -186,12 +186,6 @@ class StatefulService(abc.ABC):
                 self.consumer.seek(tp, offset)
         log.info("partitions assigned", extra={"partitions": partitions})
 
-    async def drained(self, since_ms: float) -> bool:
-        """Whether every record of this member's partitions has been handed out, as of
-        `since_ms` (`kafka.caught_up`); `stop` then applies and saves the last batch."""
-        assert self.consumer is not None
-        return await kafka.caught_up(self.consumer, since_ms)
-
     async def run(self) -> None:
         assert self.consumer is not None
         consumer = self.consumer
