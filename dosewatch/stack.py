@@ -275,7 +275,7 @@ class Stack:
 
     # -- stages -----------------------------------------------------------------------------
 
-    async def _start(self, name: str, republish: bool = False) -> None:
+    async def _start(self, name: str) -> None:
         settings = self._settings[name]
         if name in self._ports:
             settings = settings.model_copy(update={"http_port": self._ports[name]})
@@ -285,7 +285,7 @@ class Stack:
         elif name == "geofence":
             stage = GeofenceService(settings)
         else:
-            stage = DosageService(settings, republish=republish)
+            stage = DosageService(settings)
         await stage.start()
         self.stages[name] = stage
         self._ports[name] = stage.http.port
