@@ -518,9 +518,8 @@ class _HttpSink:
     """POST /v1/pings with JSON arrays. urllib in a thread: no HTTP client at run time.
 
     An intake that was reached once and then refuses or answers 503/429 is restarting or
-    busy: the batch is posted again
-    until it is taken, for up to `retry_for_s`, so no ping is dropped on the way. A first
-    contact that fails is a wrong address, said at once."""
+    busy: the batch is posted again until it is taken, for up to `retry_for_s`, so no ping is
+    dropped on the way. A first contact that fails is a wrong address, said at once."""
 
     def __init__(self, url: str, retry_for_s: float = 60.0) -> None:
         parts = urllib.parse.urlsplit(url)

@@ -97,7 +97,6 @@ class Stack:
         self.broker = broker
         self.proxy = proxy  # in front of the broker, for clients outside the process
         self.stages: dict[str, Any] = {}
-        self._ports: dict[str, int] = {}  # a stage started again keeps its HTTP address
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._supervised: list[asyncio.Task[Any]] = []
         self._rolling: asyncio.Task[dict[str, float]] | None = None
@@ -277,8 +276,6 @@ class Stack:
 
     async def _start(self, name: str) -> None:
         settings = self._settings[name]
-        if name in self._ports:
-            settings = settings.model_copy(update={"http_port": self._ports[name]})
         stage: Any
         if name == "ingest":
             stage = IngestService(settings)
@@ -288,7 +285,6 @@ class Stack:
             stage = DosageService(settings)
         await stage.start()
         self.stages[name] = stage
-        self._ports[name] = stage.http.port
         self._run(name, stage)
 
     async def _halt(self, name: str) -> None:
