@@ -235,7 +235,7 @@ class Stack:
             steps["api_s"] = time.monotonic() - moving
         finally:
             for moved in left:
-                await stop_step(moved.close())
+                await stop_step(moved.clients.close())
             await self.broker.retire(old)
         return {k: round(v, 3) for k, v in steps.items()}
 

@@ -6,7 +6,7 @@ import asyncio
 import logging
 import ssl
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -204,17 +204,44 @@ _HASHES_MAX = 200_000
 
 
 @dataclass(frozen=True, slots=True)
-class MovedFrom:
-    """What a stage left on the broker it moved from (`dosewatch up`'s broker handover): its
-    clients there, to be stopped, and its producer's record of where its outputs end."""
+class Clients:
+    """A stage's producer and consumer on one broker."""
 
-    consumer: AIOKafkaConsumer
     producer: AIOKafkaProducer
-    out: BatchProducer
+    consumer: AIOKafkaConsumer
 
     async def close(self) -> None:
         await stop_client(self.consumer)
         await stop_client(self.producer)
+
+
+async def open_clients(
+    settings: CommonSettings,
+    group_id: str,
+    topic: str,
+    listener_for: Callable[[AIOKafkaConsumer], ConsumerRebalanceListener] | None = None,
+) -> Clients:
+    """A started producer, and a consumer of `topic` started by `start_consumer` with the
+    listener `listener_for` makes for it; the producer is stopped should the consumer fail."""
+    producer_ = producer(settings)
+    await producer_.start()
+    consumer_ = consumer(settings, group_id)
+    try:
+        listener = listener_for(consumer_) if listener_for is not None else None
+        await start_consumer(consumer_, settings, topic, listener)
+    except BaseException:
+        await stop_client(producer_)
+        raise
+    return Clients(producer_, consumer_)
+
+
+@dataclass(frozen=True, slots=True)
+class MovedFrom:
+    """What a stage left on the broker it moved from (`dosewatch up`'s broker handover): its
+    clients there, to be stopped, and its producer's record of where its outputs end."""
+
+    clients: Clients
+    out: BatchProducer
 
 
 # key, value, timestamp (ms; None: now), headers
@@ -335,10 +362,12 @@ class BatchProducer:
 __all__ = [
     "COMPACTED",
     "BatchProducer",
+    "Clients",
     "ConsumerRebalanceListener",
     "MovedFrom",
     "consumer",
     "ensure_topics",
+    "open_clients",
     "partition_for",
     "producer",
 ]

@@ -93,7 +93,7 @@ class StatefulService(abc.ABC):
         self._pending_offsets: dict[int, int] = {}
         self._last_save = 0.0
         self.lag = LagWatch(self.name, settings.consumer_stall_s)
-        self._next: tuple[CommonSettings, AIOKafkaProducer, AIOKafkaConsumer] | None = None
+        self._next: tuple[CommonSettings, kafka.Clients] | None = None  # see `prepare_move`
         self.store = PartitionStateStore(self.name, topic)
         self.ready = False
 
@@ -149,6 +149,7 @@ class StatefulService(abc.ABC):
         self.producer = kafka.producer(s)
         await self.producer.start()
         self.out = kafka.BatchProducer(self.producer)
+        # Set before it starts: the listener seeks it as the partitions are handed over.
         self.consumer = kafka.consumer(s, self.group_id)
         await kafka.start_consumer(self.consumer, s, self.topic, _Listener(self))
 
@@ -265,23 +266,14 @@ class StatefulService(abc.ABC):
         """Open clients on another broker, one whose topics are new, reading its input from the
         start; `move` takes them up."""
         s = self.settings.model_copy(update={"kafka_bootstrap": bootstrap})
-        producer = kafka.producer(s)
-        await producer.start()
-        consumer = kafka.consumer(s, self.group_id)
-        try:
-            await kafka.start_consumer(consumer, s, self.topic, _FromStart(consumer))
-        except BaseException:
-            await kafka.stop_client(producer)
-            raise
-        self._next = (s, producer, consumer)
+        self._next = s, await kafka.open_clients(s, self.group_id, self.topic, _FromStart)
 
     async def cancel_move(self) -> None:
         """Close the clients `prepare_move` opened, if any (the move did not come)."""
         if self._next is not None:
-            _settings, producer, consumer = self._next
+            _settings, clients = self._next
             self._next = None
-            await kafka.stop_client(consumer)
-            await kafka.stop_client(producer)
+            await clients.close()
 
     async def reached(self, ends: dict[int, int]) -> bool:
         """Whether every record before `ends` (partition -> offset) has been handed out."""
@@ -297,8 +289,9 @@ class StatefulService(abc.ABC):
         assert self._next is not None and self.consumer is not None
         assert self.producer is not None and self.out is not None
         await self.quiet()
-        left = kafka.MovedFrom(self.consumer, self.producer, self.out)
-        self.settings, self.producer, self.consumer = self._next
+        left = kafka.MovedFrom(kafka.Clients(self.producer, self.consumer), self.out)
+        self.settings, clients = self._next
+        self.producer, self.consumer = clients.producer, clients.consumer
         self.out = kafka.BatchProducer(self.producer)
         self._next = None
         return left

@@ -62,7 +62,7 @@ class IngestService:
         self._committing: asyncio.Task[None] | None = None
         self._stepping: asyncio.Task[None] | None = None
         self._last_commit = 0.0
-        self._next: tuple[AIOKafkaProducer, AIOKafkaConsumer] | None = None
+        self._next: tuple[IngestSettings, kafka.Clients] | None = None  # see `prepare_move`
         self._lag = LagWatch(SERVICE, settings.consumer_stall_s)
         # Well-formed single pings the fast way; every other message by the rules, guarded.
         self._rules = functools.partial(_guarded, normalise_message)
@@ -72,11 +72,9 @@ class IngestService:
     async def start(self) -> None:
         s = self.settings
         await kafka.ensure_topics(s, {s.topic_raw: {}, s.topic_pings: {}, s.topic_dlq: {}})
-        self._producer = kafka.producer(s)
-        await self._producer.start()
+        clients = await kafka.open_clients(s, s.group_id, s.topic_raw)
+        self._producer, self._consumer = clients.producer, clients.consumer
         self._out = kafka.BatchProducer(self._producer)
-        self._consumer = kafka.consumer(s, s.group_id)
-        await kafka.start_consumer(self._consumer, s, s.topic_raw)
         await self.http.start()
         self.ready = True
         log.info("ingest ready", extra={"http_port": self.http.port, "topic": s.topic_raw})
@@ -114,23 +112,14 @@ class IngestService:
         """Open clients on another broker, one whose topics are new; `move` takes them up.
         Its group has no commits there, so the raw topic is read from the start."""
         s = self.settings.model_copy(update={"kafka_bootstrap": bootstrap})
-        producer = kafka.producer(s)
-        await producer.start()
-        consumer = kafka.consumer(s, s.group_id)
-        try:
-            await kafka.start_consumer(consumer, s, s.topic_raw)
-        except BaseException:
-            await kafka.stop_client(producer)
-            raise
-        self._next = (producer, consumer)
+        self._next = s, await kafka.open_clients(s, s.group_id, s.topic_raw)
 
     async def cancel_move(self) -> None:
         """Close the clients `prepare_move` opened, if any (the move did not come)."""
         if self._next is not None:
-            producer, consumer = self._next
+            _settings, clients = self._next
             self._next = None
-            await kafka.stop_client(consumer)
-            await kafka.stop_client(producer)
+            await clients.close()
 
     async def drained(self, since_ms: float) -> bool:
         """Whether every raw record has been handed out, as of `since_ms` (`kafka.caught_up`)."""
@@ -144,8 +133,9 @@ class IngestService:
         assert self._next is not None and self._consumer is not None
         assert self._producer is not None and self._out is not None
         await self.quiet()
-        left = kafka.MovedFrom(self._consumer, self._producer, self._out)
-        self._producer, self._consumer = self._next
+        left = kafka.MovedFrom(kafka.Clients(self._producer, self._consumer), self._out)
+        self.settings, clients = self._next
+        self._producer, self._consumer = clients.producer, clients.consumer
         self._out = kafka.BatchProducer(self._producer)
         self._consumed, self._next = {}, None
         await left.out.settled()
