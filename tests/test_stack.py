@@ -30,7 +30,8 @@ def test_together_waits_for_every_step_before_raising_the_first_failure() -> Non
 
 
 def test_together_runs_the_steps_at_once() -> None:
-    """Each stage's start waits about 2 s for its group: one after another, they add up."""
+    """Each stage's start opens clients and loads its state (and, in a consumer group, waits
+    about 2 s for it to form): one after another, they add up."""
     started: list[int] = []
     seen_at_end: list[int] = []
 
