@@ -7,17 +7,18 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable
 from functools import partial
 from typing import Any
 
 from dosewatch import rollover
+from dosewatch.rollover import RolloverAbandoned
 from services.api.service import ApiService
 from services.api.settings import ApiSettings
-from services.common import kafka
+from services.common import moving
 from services.common.embedded import EmbeddedKafka, EmbeddedProxy
 from services.common.metrics import BROKER_ROLLOVERS
-from services.common.runner import cancelling
+from services.common.runner import Runner, cancelling
 from services.dosage.service import DosageService, DosageSettings
 from services.geofence.service import GeofenceService, GeofenceSettings
 from services.ingest.service import IngestService, IngestSettings
@@ -25,7 +26,7 @@ from services.ingest.service import IngestService, IngestSettings
 log = logging.getLogger("dosewatch.stack")
 
 STAGES = ("ingest", "geofence", "dosage")
-DRAIN_TIMEOUT_S = 60.0
+MOVE_TIMEOUT_S = 60.0  # past it, a stage that has not read its old input is stuck
 
 
 class _ExpectedLoss(logging.Filter):
@@ -53,34 +54,6 @@ async def stop_step(step: Awaitable[object]) -> None:
         log.warning("a step of stopping failed", extra={"error": repr(exc)})
 
 
-async def _together(*steps: Awaitable[None]) -> None:
-    """Run steps at once and wait for every one, even when one fails (a stage still starting
-    as the stack stops would be left running); then raise the first failure."""
-    for outcome in await asyncio.gather(*steps, return_exceptions=True):
-        if isinstance(outcome, BaseException):
-            raise outcome
-
-
-class RolloverAbandoned(RuntimeError):
-    """The new broker, or the stages' clients on it, did not start: nothing moved, and the
-    stack goes on on the broker it had."""
-
-
-async def _until(done: Callable[[], Awaitable[bool]], who: str) -> None:
-    """Poll `done` until it holds; a stage reads its input's last records within
-    milliseconds, unless it is far behind. Past `DRAIN_TIMEOUT_S` the stack cannot go on:
-    stages before this one have moved, and this one is stuck."""
-    try:
-        async with asyncio.timeout(DRAIN_TIMEOUT_S):
-            while not await done():
-                await asyncio.sleep(0.002)
-    except TimeoutError:
-        raise RuntimeError(
-            f"broker rollover stuck: {who} did not read its input on the old broker to the end "
-            f"in {DRAIN_TIMEOUT_S:.0f} s"
-        ) from None
-
-
 class Stack:
     def __init__(
         self,
@@ -97,7 +70,7 @@ class Stack:
         self.broker = broker
         self.proxy = proxy  # in front of the broker, for clients outside the process
         self.stages: dict[str, Any] = {}
-        self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._runners: dict[str, Runner] = {}
         self._supervised: list[asyncio.Task[Any]] = []
         self._rolling: asyncio.Task[dict[str, float]] | None = None
         # Set to the error of the first task to end on its own (they run until stopped).
@@ -121,7 +94,7 @@ class Stack:
         # Together: each opens its clients and loads its state (and, in a consumer group,
         # waits about 2 s for it to form). Each stage makes the topics it reads before it
         # consumes, so none waits on another.
-        await _together(*(self._start(name) for name in STAGES))
+        await rollover.together([self._start(name) for name in STAGES])
         await self.api.start()
         self._run("api", self.api)
 
@@ -133,7 +106,7 @@ class Stack:
         if self._rolling is not None and not self._rolling.done():
             # Cut short, a rollover would leave stages half started on a broker half replaced.
             await stop_step(self._rolling)
-        for name in list(self._tasks):
+        for name in list(self._runners):
             await self._cancel(name)
         await stop_step(self.api.stop())
         for name in reversed(STAGES):
@@ -142,7 +115,7 @@ class Stack:
     def supervise(self, task: asyncio.Task[Any]) -> None:
         """A task of the stack's (the demo feed, the broker watch): its failure is the stack's,
         and it is cancelled with the stack."""
-        task.add_done_callback(self._ended)
+        task.add_done_callback(self._task_ended)
         self._supervised.append(task)
 
     # -- the rollover -----------------------------------------------------------------------
@@ -176,89 +149,37 @@ class Stack:
             log.info("embedded broker rolled over", extra=steps)
 
     async def roll_over(self) -> dict[str, float]:
-        """Move every stage to a fresh embedded broker, one after another in pipeline order,
-        each between two of its batches: what is in flight keeps flowing.
-
-        A new broker starts beside the old one, and every stage opens clients on it. Clients
-        outside the process go first: the proxy starts again in front of the new broker
-        (their requests in flight fail, and they send them there). Then ingest, once it has
-        read the old raw topic to its end, which nothing writes any more; then each stage
-        once it has read up to where the stage before it left its outputs on the old broker.
-        A stage that moves saves what it did there and reads its new topics from their start,
-        with its state in hand. The API's feed follows dosage, which publishes every zone's
-        status again (the API rebuilds its view from that compacted topic). Then the old
-        broker is killed.
+        """Move every stage to a fresh embedded broker (`rollover.roll_over`), then the API's
+        feed. Clients outside the process are switched first: the proxy starts again in front
+        of the new broker (their requests in flight fail, and they send them there), so the
+        old raw topic is read to the end once fetches answered after that reach its end.
 
         Should the new broker or a stage's clients on it fail to start, nothing has moved:
         the stack goes on where it was (`RolloverAbandoned`). Returns, in seconds, how long
         the preparing took and when each stage had moved, from the proxy's restart."""
         assert self.broker is not None, "only the embedded broker is rolled over"
-        started = time.monotonic()
-        try:
-            following = await self.broker.successor()
-        except Exception as exc:
-            raise RolloverAbandoned(f"a new broker did not start: {exc!r}") from exc
-        try:
-            await self._prepare(following.bootstrap)
-        except Exception as exc:
-            await self.broker.retire(following.proc)
-            raise RolloverAbandoned(f"the stages could not reach the new broker: {exc!r}") from exc
-        old = self.broker.adopt(following)
+        handles = [rollover.LocalStage(self.stages[n], self._runners[n], MOVE_TIMEOUT_S)
+                   for n in STAGES]  # fmt: skip
+        steps = await rollover.roll_over(self.broker, self.ingest_settings, handles,
+                                         self._switch_proxy, {"api": self._move_api})  # fmt: skip
         for name in STAGES:
             self._settings[name] = self._settings[name].model_copy(
-                update={"kafka_bootstrap": following.bootstrap}
+                update={"kafka_bootstrap": self.broker.bootstrap}
             )
-        steps = {"prepare_s": time.monotonic() - started}
-        left: list[kafka.MovedFrom] = []
-        try:
-            moving = time.monotonic()
-            async with self.gate:
-                if self.proxy is not None:
-                    expected = _ExpectedLoss()
-                    logging.getLogger("aiokafka").addFilter(expected)
-                    try:
-                        await self.proxy.stop()
-                        self.proxy.origin = following.bootstrap
-                        await self.proxy.start()
-                    finally:
-                        logging.getLogger("aiokafka").removeFilter(expected)
-            since_ms = time.time() * 1000  # nothing writes the old raw topic from here on
-            left.append(await self._move("ingest", partial(self.stages["ingest"].drained,
-                                                           since_ms)))  # fmt: skip
-            steps["ingest_s"] = time.monotonic() - moving
-            for name, topic in (("geofence", self.ingest_settings.topic_pings),
-                                ("dosage", self.ingest_settings.topic_visits)):  # fmt: skip
-                ends = left[-1].out.ends_of(topic)  # where the stage before left its outputs
-                left.append(await self._move(name, partial(self.stages[name].reached, ends)))
-                steps[f"{name}_s"] = time.monotonic() - moving
-            await self._move_api(following.bootstrap)
-            steps["api_s"] = time.monotonic() - moving
-        finally:
-            for moved in left:
-                await stop_step(moved.clients.close())
-            await self.broker.retire(old)
-        return {k: round(v, 3) for k, v in steps.items()}
+        return steps
 
-    async def _prepare(self, bootstrap: str) -> None:
-        """The new broker's topics, and every stage's clients on it; none left open on failure."""
-        s = self.ingest_settings.model_copy(update={"kafka_bootstrap": bootstrap})
-        await kafka.ensure_topics(s, {s.topic_raw: {}, s.topic_pings: {}, s.topic_dlq: {},
-                                      s.topic_visits: {}, s.topic_status: kafka.COMPACTED,
-                                      s.topic_audit: {}})  # fmt: skip
-        try:
-            await _together(*(self.stages[n].prepare_move(bootstrap) for n in STAGES))
-        except BaseException:
-            await _together(*(self.stages[n].cancel_move() for n in STAGES))
-            raise
-
-    async def _move(self, name: str, reached: Callable[[], Awaitable[bool]]) -> kafka.MovedFrom:
-        """Once a stage has read its input on the old broker to the end: stop its loop between
-        two batches, move it, and start the loop again on the new broker."""
-        await _until(reached, name)
-        await self._cancel(name)
-        left: kafka.MovedFrom = await self.stages[name].move()
-        self._run(name, self.stages[name])
-        return left
+    async def _switch_proxy(self, bootstrap: str) -> rollover.Condition:
+        async with self.gate:
+            if self.proxy is not None:
+                expected = _ExpectedLoss()
+                logging.getLogger("aiokafka").addFilter(expected)
+                try:
+                    await self.proxy.stop()
+                    self.proxy.origin = bootstrap
+                    await self.proxy.start()
+                finally:
+                    logging.getLogger("aiokafka").removeFilter(expected)
+        return {"since_ms": time.time() * 1000}  # nothing writes the old raw topic from here on
 
     async def _move_api(self, bootstrap: str) -> None:
         """The API's feed reads what dosage left on the old broker, then the new topics from
@@ -266,7 +187,7 @@ class Stack:
         feed = self.api.feed
         assert feed is not None
         since_ms = time.time() * 1000
-        await _until(partial(feed.drained, since_ms), "the API's feed")
+        await moving.until(partial(feed.drained, since_ms), "the API's feed", MOVE_TIMEOUT_S)
         await self._cancel("api")
         await feed.disconnect()
         await feed.connect(pings_from_start=True, bootstrap=bootstrap)
@@ -294,19 +215,19 @@ class Stack:
             await stage.stop()
 
     def _run(self, name: str, service: Any) -> None:
-        task = asyncio.create_task(service.run(), name=name)
-        task.add_done_callback(self._ended)
-        self._tasks[name] = task
+        runner = self._runners[name] = Runner(service, name, self._ended)
+        runner.start()
 
     async def _cancel(self, name: str) -> None:
-        task = self._tasks.pop(name, None)
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        runner = self._runners.pop(name, None)
+        if runner is not None:
+            await runner.halt()
 
-    def _ended(self, task: asyncio.Task[Any]) -> None:
-        if task.cancelled() or self.failed is None or self.failed.done():
+    def _ended(self, name: str, exc: BaseException | None) -> None:
+        if self.failed is None or self.failed.done():
             return
-        exc = task.exception()
-        self.failed.set_result(exc or RuntimeError(f"{task.get_name()} ended"))
+        self.failed.set_result(exc or RuntimeError(f"{name} ended"))
+
+    def _task_ended(self, task: asyncio.Task[Any]) -> None:
+        if not task.cancelled():
+            self._ended(task.get_name(), task.exception())

@@ -3,18 +3,24 @@
 from __future__ import annotations
 
 import asyncio
+import signal
+import subprocess
+import sys
+import time
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import asyncpg
+import httpx
 import orjson
 from aiokafka import AIOKafkaConsumer
 
 from dosewatch.replay import decode_lines
 from schemas.timefmt import datetime_to_ms, format_ts
 from services.common import db
+from services.common.embedded import free_port
 from services.common.kafka import partition_for
 from services.common.zonestore import import_zones
 from services.dosage.core.tracker import Fix
@@ -166,3 +172,56 @@ async def wait_for(pool: asyncpg.Pool, sql: str, want: int, timeout_s: float = 9
     async with asyncio.timeout(timeout_s):
         while await pool.fetchval(sql) < want:
             await asyncio.sleep(0.2)
+
+
+class Proc:
+    """A service as a process of its own (`dosewatch <name>`), logging to `log`."""
+
+    def __init__(self, name: str, env: dict[str, str], log: Path) -> None:
+        self.name = name
+        self.port = free_port()
+        self.env = env | {"DOSEWATCH_HTTP_PORT": str(self.port)}
+        self.log = log
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "dosewatch.cli", self.name],
+            env=self.env, stdout=self.log.open("ab"), stderr=subprocess.STDOUT,
+        )  # fmt: skip
+
+    def wait_ready(self, timeout_s: float = 60) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            assert self.proc is not None and self.proc.poll() is None, self.log.read_text()[-3000:]
+            try:
+                if httpx.get(f"http://127.0.0.1:{self.port}/readyz", timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.1)
+        raise AssertionError(f"{self.name} not ready: {self.log.read_text()[-3000:]}")
+
+    def kill9(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait()
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+
+
+async def refused(bootstrap: str) -> bool:
+    """Whether nothing listens at `bootstrap` any more."""
+    host, port = bootstrap.rsplit(":", 1)
+    try:
+        _reader, writer = await asyncio.open_connection(host, int(port))
+    except OSError:
+        return True
+    writer.close()
+    return False

@@ -16,11 +16,12 @@ import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from dosewatch import rollover
-from dosewatch.stack import RolloverAbandoned, Stack
+from dosewatch.rollover import RolloverAbandoned
+from dosewatch.stack import Stack
 from services.api.settings import ApiSettings
 from services.common.embedded import EmbeddedKafka, EmbeddedProxy, free_port
 from services.dosage.service import DosageSettings
-from services.geofence.service import GeofenceSettings
+from services.geofence.service import GeofenceService, GeofenceSettings
 from services.ingest.service import IngestSettings
 from tests.pipeline_helpers import (
     TZ,
@@ -29,6 +30,7 @@ from tests.pipeline_helpers import (
     db_visits,
     keyed,
     prepare_database,
+    refused,
     replay_expected,
     send_records,
     wait_for,
@@ -209,15 +211,15 @@ def _shown(book: dict[str, Any]) -> dict[str, Any]:
 def test_rollover_abandoned_keeps_the_broker(
     database_url: str, topic_prefix: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """When the stages cannot open clients on the new broker (made to fail here), nothing has
-    moved: the rollover is abandoned, the new broker killed, and the stack goes on where it
-    was, its output still replay's."""
+    """When a stage cannot open clients on the new broker (made to fail here), nothing has
+    moved: the others' clients there are closed, the rollover is abandoned, the new broker
+    killed, and the stack goes on where it was, its output still replay's."""
     expected = replay_expected(tmp_path)
     half = len(expected.lines) // 2
-    prepare = Stack._prepare
+    tried: list[str] = []
 
-    async def failing(self: Stack, bootstrap: str) -> None:
-        self.tried = bootstrap  # type: ignore[attr-defined]
+    async def failing(self: Any, bootstrap: str) -> None:
+        tried.append(bootstrap)
         raise RuntimeError("no clients today")
 
     async def scenario() -> dict[str, Any]:
@@ -227,12 +229,13 @@ def test_rollover_abandoned_keeps_the_broker(
             raw = stack.ingest_settings.topic_raw
             before = stack.broker.proc.pid, stack.broker.bootstrap
             await send_records(proxy.bootstrap, raw, keyed(expected.lines[:half]))
-            monkeypatch.setattr(Stack, "_prepare", failing)
-            with pytest.raises(RolloverAbandoned, match="no clients today"):
-                await stack.roll_over()
-            monkeypatch.setattr(Stack, "_prepare", prepare)
+            with monkeypatch.context() as patched:
+                patched.setattr(GeofenceService, "prepare_move", failing)
+                with pytest.raises(RolloverAbandoned, match="no clients today"):
+                    await stack.roll_over()
             out["same_broker"] = (stack.broker.proc.pid, stack.broker.bootstrap) == before
-            out["new_one_gone"] = await _refused(stack.tried)  # type: ignore[attr-defined]
+            out["new_one_gone"] = await refused(tried[0])
+            out["prepared"] = [n for n, stage in stack.stages.items() if stage.prepared]
             out["stages"] = sorted(stack.stages)
             await send_records(proxy.bootstrap, raw, keyed(expected.lines[half:]))
             out["visits"], out["periods"] = await _output(pool, expected)
@@ -242,20 +245,10 @@ def test_rollover_abandoned_keeps_the_broker(
     out = asyncio.run(scenario())
     assert out["same_broker"] and out["new_one_gone"]
     assert out["stages"] == ["dosage", "geofence", "ingest"]
+    assert out["prepared"] == []
     assert out["raw"] == len(expected.lines)  # the old broker's topic, whole
     assert out["visits"] == expected.visits
     assert out["periods"] == expected.periods
-
-
-async def _refused(bootstrap: str) -> bool:
-    """Whether nothing listens at `bootstrap` any more."""
-    host, port = bootstrap.rsplit(":", 1)
-    try:
-        _reader, writer = await asyncio.open_connection(host, int(port))
-    except OSError:
-        return True
-    writer.close()
-    return False
 
 
 def test_a_stage_that_cannot_read_to_the_end_stops_the_rollover_saying_which(
@@ -263,7 +256,7 @@ def test_a_stage_that_cannot_read_to_the_end_stops_the_rollover_saying_which(
 ) -> None:
     """Stages before it have moved, so there is no going back: the rollover fails, naming
     the stage (`dosewatch up` then stops, saying so), and the stack still stops cleanly."""
-    monkeypatch.setattr("dosewatch.stack.DRAIN_TIMEOUT_S", 0.5)
+    monkeypatch.setattr("dosewatch.stack.MOVE_TIMEOUT_S", 0.5)
 
     async def never(self: Any, ends: dict[int, int]) -> bool:
         return False

@@ -1,4 +1,4 @@
-"""The stack's helpers that need no broker: starting stages together."""
+"""The stack's helpers that need no broker: starting stages (and a rollover's steps) together."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from dosewatch.stack import _together
+from dosewatch.rollover import together
 
 
 def test_together_waits_for_every_step_before_raising_the_first_failure() -> None:
@@ -22,7 +22,7 @@ def test_together_waits_for_every_step_before_raising_the_first_failure() -> Non
         finished.append(name)
 
     async def scenario() -> None:
-        await _together(slow("geofence"), fails(), slow("dosage"))
+        await together([slow("geofence"), fails(), slow("dosage")])
 
     with pytest.raises(RuntimeError, match="no database"):
         asyncio.run(scenario())
@@ -40,5 +40,5 @@ def test_together_runs_the_steps_at_once() -> None:
         await asyncio.sleep(0)  # run one after another, the others would not have begun
         seen_at_end.append(len(started))
 
-    asyncio.run(_together(*(step(i) for i in range(3))))
+    asyncio.run(together([step(i) for i in range(3)]))
     assert seen_at_end == [3, 3, 3]

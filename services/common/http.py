@@ -48,6 +48,7 @@ class HttpServer:
     ) -> None:
         config = uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="off",
                                 ws_per_message_deflate=ws_per_message_deflate)  # fmt: skip
+        self.app = app  # routes may be added until it starts
         self._server = _QuietServer(config)
         self._task: asyncio.Task[None] | None = None
         self.port = port

@@ -6,7 +6,7 @@ import asyncio
 import logging
 import ssl
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -161,6 +161,15 @@ async def caught_up(consumer: AIOKafkaConsumer, since_ms: float) -> bool:
         if end is None or polled is None or polled < since_ms + ANSWER_MARGIN_MS:
             return False
         if await consumer.position(tp) < end:
+            return False
+    return True
+
+
+async def reached(consumer: AIOKafkaConsumer, ends: Mapping[int, int]) -> bool:
+    """Whether the consumer has handed out every record before `ends` (partition -> offset) of
+    the partitions it holds: where the stage before it left its outputs, from its acks."""
+    for tp in consumer.assignment():
+        if await consumer.position(tp) < ends.get(tp.partition, 0):
             return False
     return True
 

@@ -7,7 +7,8 @@ import contextlib
 import gc
 import logging
 import signal
-from typing import Protocol
+from collections.abc import Callable
+from typing import Any, Protocol
 
 log = logging.getLogger(__name__)
 # A batch allocates thousands of short-lived objects; at CPython's default thresholds
@@ -42,22 +43,67 @@ class Service(Protocol):
     async def stop(self) -> None: ...
 
 
-async def run_service(service: Service) -> None:
+class Runner:
+    """A service's run task, which a move to another broker stops between two batches and
+    starts again (`services.common.moving`). A task that ends on its own, or a move that
+    fails, is reported to `on_end` with its error (None: run() returned)."""
+
+    def __init__(
+        self, service: Service, name: str, on_end: Callable[[str, BaseException | None], None]
+    ) -> None:
+        self.service = service
+        self.name = name
+        self._on_end = on_end
+        self.task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self.task = asyncio.create_task(self.service.run(), name=self.name)
+        self.task.add_done_callback(self._ended)
+
+    async def halt(self) -> None:
+        """Cancel the run task and wait for it (its batch in flight is shielded, and waited
+        for by the service's `quiet` or `stop`)."""
+        task, self.task = self.task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task  # a crash before this was reported when it happened
+
+    def fail(self, exc: BaseException) -> None:
+        self._on_end(self.name, exc)
+
+    def _ended(self, task: asyncio.Task[None]) -> None:
+        if not task.cancelled():
+            self._on_end(self.name, task.exception())
+
+
+async def run_service(service: Service, control: Callable[[Runner], None] | None = None) -> None:
+    """Start the service, run it until SIGINT/SIGTERM or until run() ends, then stop it.
+    `control`, given the runner before the service starts, may add what drives it (a stage's
+    move to another broker, `services.common.moving`)."""
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    ended: asyncio.Future[BaseException | None] = loop.create_future()
+
+    def on_end(_name: str, exc: BaseException | None) -> None:
+        if not ended.done():
+            ended.set_result(exc)
+
+    runner = Runner(service, getattr(service, "name", "service"), on_end)
+    if control is not None:
+        control(runner)
     await service.start()
     settle_gc()  # for the rest of the process
-    work = asyncio.create_task(service.run())
+    runner.start()
     waiter = asyncio.create_task(stop.wait())
-    done, _ = await asyncio.wait({work, waiter}, return_when=asyncio.FIRST_COMPLETED)
-    work.cancel()
+    either: set[asyncio.Future[Any]] = {ended, waiter}
+    await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
     # A run() that crashed is reported below, after stop(): its clients still get closed
     # (the group learns at once that this member left, not after a session timeout).
-    with contextlib.suppress(asyncio.CancelledError, Exception):
-        await work
+    await runner.halt()
     waiter.cancel()
     await service.stop()
-    if work in done and work.exception() is not None:
-        raise work.exception()  # type: ignore[misc]
+    if ended.done() and ended.result() is not None:
+        raise ended.result()  # type: ignore[misc]

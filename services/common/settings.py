@@ -66,11 +66,20 @@ class CommonSettings(BaseSettings):
     http_host: str = "127.0.0.1"
     http_port: int = Field(0, ge=0, le=65535)  # 0: pick a free port
     instance: str = "local"
+    # Enables POST /control/* on a stage's HTTP port (moving it to another broker; see
+    # services/common/moving.py), for callers sending it as a bearer token. Unset: no such
+    # routes. Whoever holds it can point the stage at any broker, so keep it like a password.
+    control_token: SecretStr | None = None
+    control_token_file: Path | None = None
 
     @model_validator(mode="after")
     def _secrets_from_files(self) -> CommonSettings:
         if self.kafka_sasl_password_file is not None:
             self.kafka_sasl_password = SecretStr(self.kafka_sasl_password_file.read_text().strip())
+        if self.control_token_file is not None:
+            self.control_token = SecretStr(self.control_token_file.read_text().strip())
+        if self.control_token is not None and len(self.control_token) < 16:
+            raise ValueError("DOSEWATCH_CONTROL_TOKEN must be at least 16 characters")
         if self.database_url_file is not None:
             self.database_url = SecretStr(self.database_url_file.read_text().strip())
         return self

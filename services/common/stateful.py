@@ -17,7 +17,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from functools import partial
 from typing import Any
 
@@ -268,6 +268,10 @@ class StatefulService(abc.ABC):
         s = self.settings.model_copy(update={"kafka_bootstrap": bootstrap})
         self._next = s, await kafka.open_clients(s, self.group_id, self.topic, _FromStart)
 
+    @property
+    def prepared(self) -> bool:
+        return self._next is not None
+
     async def cancel_move(self) -> None:
         """Close the clients `prepare_move` opened, if any (the move did not come)."""
         if self._next is not None:
@@ -275,13 +279,15 @@ class StatefulService(abc.ABC):
             self._next = None
             await clients.close()
 
-    async def reached(self, ends: dict[int, int]) -> bool:
+    async def reached(self, ends: Mapping[int, int]) -> bool:
         """Whether every record before `ends` (partition -> offset) has been handed out."""
         assert self.consumer is not None
-        for tp in self.consumer.assignment():
-            if await self.consumer.position(tp) < ends.get(tp.partition, 0):
-                return False
-        return True
+        return await kafka.reached(self.consumer, ends)
+
+    async def drained(self, since_ms: float) -> bool:
+        """Whether every record has been handed out, as of `since_ms` (`kafka.caught_up`)."""
+        assert self.consumer is not None
+        return await kafka.caught_up(self.consumer, since_ms)
 
     async def move(self) -> kafka.MovedFrom:
         """Once `run` has stopped, having read its input on the old broker to the end: save

@@ -23,7 +23,7 @@ from services.common import db, kafka
 from services.common.fetched import FetchedRecord
 from services.common.http import HttpServer, probe_app
 from services.common.metrics import EVENTS_OUT, LATENCY
-from services.common.runner import run_service
+from services.common.moving import run_stage
 from services.common.settings import CommonSettings
 from services.common.stateful import StatefulService
 from services.common.zonestore import load_zones
@@ -353,7 +353,7 @@ def _db_time(text: str) -> datetime:
 
 
 async def main(settings: DosageSettings | None = None) -> None:
-    await run_service(DosageService(settings or DosageSettings()))
+    await run_stage(DosageService(settings or DosageSettings()))
 
 
 __all__ = ["DosageService", "DosageSettings", "main"]

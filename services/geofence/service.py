@@ -22,7 +22,7 @@ from services.common import db, kafka
 from services.common.fetched import FetchedRecord
 from services.common.http import HttpServer, probe_app
 from services.common.metrics import EVENTS_OUT, LATENCY, OPEN_VISITS, PINGS_IN
-from services.common.runner import run_service
+from services.common.moving import run_stage
 from services.common.settings import CommonSettings
 from services.common.stateful import StatefulService
 from services.common.zonestore import CHANNEL, load_zones
@@ -315,7 +315,7 @@ def kafka_record(doc: dict[str, Any]) -> Record:
 
 
 async def main(settings: GeofenceSettings | None = None) -> None:
-    await run_service(GeofenceService(settings or GeofenceSettings()))
+    await run_stage(GeofenceService(settings or GeofenceSettings()))
 
 
 __all__ = ["GeofenceService", "GeofenceSettings", "main"]

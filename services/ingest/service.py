@@ -11,7 +11,7 @@ import contextlib
 import functools
 import logging
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, TypeVar
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
@@ -114,6 +114,10 @@ class IngestService:
         s = self.settings.model_copy(update={"kafka_bootstrap": bootstrap})
         self._next = s, await kafka.open_clients(s, s.group_id, s.topic_raw)
 
+    @property
+    def prepared(self) -> bool:
+        return self._next is not None
+
     async def cancel_move(self) -> None:
         """Close the clients `prepare_move` opened, if any (the move did not come)."""
         if self._next is not None:
@@ -125,6 +129,11 @@ class IngestService:
         """Whether every raw record has been handed out, as of `since_ms` (`kafka.caught_up`)."""
         assert self._consumer is not None
         return await kafka.caught_up(self._consumer, since_ms)
+
+    async def reached(self, ends: Mapping[int, int]) -> bool:
+        """Whether every raw record before `ends` (partition -> offset) has been handed out."""
+        assert self._consumer is not None
+        return await kafka.reached(self._consumer, ends)
 
     async def move(self) -> kafka.MovedFrom:
         """Once `run` has stopped, having read the old broker's raw topic to the end: commit,
@@ -349,9 +358,9 @@ def _problem(status: int, detail: str, headers: dict[str, str] | None = None) ->
 
 
 async def main(settings: IngestSettings | None = None) -> None:
-    from services.common.runner import run_service
+    from services.common.moving import run_stage
 
-    await run_service(IngestService(settings or IngestSettings()))
+    await run_stage(IngestService(settings or IngestSettings()))
 
 
 __all__ = ["IngestService", "IngestSettings", "main"]
