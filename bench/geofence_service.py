@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench._city import patrol, save, table, zone_specs
 from bench._proc import cpu_seconds
 from bench._stack import embedded_stack, wait_ready
-from bench.pipeline import broker_cpu
+from bench.pipeline import BrokerCpu
 from dosewatch.demo import make_zones
 from schemas.timefmt import format_ts
 from services.common import db, kafka
@@ -141,7 +141,8 @@ async def run(
                 spy = subprocess.Popen(["py-spy", "record", "-p", str(proc.pid), "-r", "200",
                                         "-f", "raw", "-o", str(profile)],
                                        stdout=subprocess.DEVNULL)  # fmt: skip
-            cpu0, broker0, t0 = cpu_seconds(proc.pid), broker_cpu(broker), time.monotonic()
+            broker_cpu = BrokerCpu(broker)
+            cpu0, broker0, t0 = cpu_seconds(proc.pid), broker_cpu(), time.monotonic()
             taken = 0.0
             while taken < len(records):
                 await asyncio.sleep(0.25)  # each look costs the service a /metrics render
@@ -149,7 +150,7 @@ async def run(
                 if time.monotonic() - t0 > 600:
                     raise RuntimeError(f"only {taken:.0f} of {len(records)} pings in 600 s")
             cpu, wall = cpu_seconds(proc.pid) - cpu0, time.monotonic() - t0
-            cpu_b = broker_cpu(broker) - broker0
+            cpu_b = broker_cpu() - broker0
             events = await _metric(client, port, "dosewatch_events_out_total")
             if spy is not None:
                 spy.send_signal(2)

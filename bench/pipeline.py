@@ -1,7 +1,7 @@
 """The running services on the embedded broker and PostgreSQL, at increasing ping rates.
 
     .venv/bin/python bench/pipeline.py [--rates 1000,5000,10000,0] [--seconds 10]
-                                       [--partitions 1,4]
+                                       [--partitions 1,4] [--rollover-every 15]
 
 Each service runs as its own process (as deployed). For every rate it prints throughput,
 CPU seconds per 1,000 pings for each service, and the p50/p99/p999 latency from a ping being
@@ -12,15 +12,19 @@ The measured window opens once every stage has caught up with the load (see `run
 
 Every rate runs with each partition count given: 1 is how `dosewatch up` makes topics on the
 embedded broker (one instance per stage), 4 the services' default for a cluster. The embedded
-broker's fetches cost more for each batch its partitions hold, so at 4 its latency climbs
-through the window (docs/performance.md).
+broker's fetches cost more for each batch its partitions hold, so its latency climbs through
+a long window (docs/performance.md). With `--rollover-every S`, the services move to a fresh
+embedded broker every S seconds, told through their control routes (`rollover.RemoteStage`),
+as `dosewatch up` moves its stages; the sender switches with them, and so does the watcher.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
+import secrets
 import subprocess
 import sys
 import time
@@ -31,18 +35,19 @@ import asyncpg
 import httpx
 import numpy as np
 import orjson
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka import AIOKafkaConsumer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench._city import save, table
 from bench._proc import TICKS, cpu_seconds
 from bench._stack import Stack, embedded_stack, wait_ready
+from dosewatch import rollover
 from dosewatch.demo import make_zones
 from schemas.timefmt import format_ts, parse_ts
-from services.common import db
+from services.common import db, kafka
 from services.common.embedded import EmbeddedKafka, EmbeddedPostgres, free_port
-from services.common.kafka import BatchProducer
+from services.common.settings import CommonSettings
 from services.common.zonestore import import_zones
 
 SERVICES = ("ingest", "geofence", "dosage")
@@ -96,46 +101,109 @@ def tree_cpu(root: int) -> float:
     return total
 
 
-def broker_cpu(broker: EmbeddedKafka) -> float:
-    assert broker.proc is not None
-    return cpu_seconds(broker.proc.pid)
+class BrokerCpu:
+    """CPU of the embedded broker so far, the ones a rollover retired included (each read
+    just before it is killed)."""
+
+    def __init__(self, broker: EmbeddedKafka) -> None:
+        self.broker = broker
+        self.retired = 0.0
+        self.pid = self.pid_now()
+
+    def pid_now(self) -> int:
+        assert self.broker.proc is not None
+        return self.broker.proc.pid
+
+    def __call__(self) -> float:
+        return self.retired + cpu_seconds(self.pid_now())
+
+    async def moved(self, _bootstrap: str) -> None:
+        """A rollover's last step: the old broker still runs, the new one is the broker's."""
+        self.retired += cpu_seconds(self.pid)
+        self.pid = self.pid_now()
+
+
+class StatusWatch:
+    """Reads the zone-status topic for latency samples, from broker to broker: a rollover
+    switches it once it has read the old topic to the end (`switch`)."""
+
+    def __init__(self, bootstrap: str, topic: str) -> None:
+        self.topic = topic
+        self.latencies: list[tuple[int, float]] = []  # (when sent, ms)
+        self.measure_from_ms = float("inf")
+        self._seen: set[tuple[bytes | None, str]] = set()
+        self._consumer = self._reader(bootstrap, "latest")
+        self._switching: tuple[str, float, asyncio.Future[None]] | None = None
+
+    def _reader(self, bootstrap: str, reset: str) -> AIOKafkaConsumer:
+        # Latency is taken from the status record's own timestamp (when dosage produced it),
+        # so this watcher need not poll fast; a slow poll keeps it from loading the broker.
+        return AIOKafkaConsumer(self.topic, bootstrap_servers=bootstrap, fetch_max_wait_ms=200,
+                                auto_offset_reset=reset)  # fmt: skip
+
+    async def start(self) -> None:
+        await self._consumer.start()
+        await self._consumer.getmany(timeout_ms=500)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            for records in (await self._consumer.getmany(timeout_ms=100)).values():
+                for r in records:
+                    status = orjson.loads(r.value)
+                    # caused by the ping whose ts is as_of; r.timestamp is when dosage sent it
+                    first = status["status"] == "active" and status["elapsed_s"] == 0
+                    # Once: dosage publishes every status again on a new broker.
+                    if first and (r.key, status["as_of"]) not in self._seen:
+                        self._seen.add((r.key, status["as_of"]))
+                        if r.timestamp >= self.measure_from_ms:
+                            ms = r.timestamp - parse_ts(status["as_of"])
+                            self.latencies.append((r.timestamp, ms))
+            if self._switching is not None:
+                bootstrap, since_ms, done = self._switching
+                if await kafka.caught_up(self._consumer, since_ms):
+                    await self._consumer.stop()
+                    self._consumer = self._reader(bootstrap, "earliest")
+                    await self._consumer.start()
+                    self._switching = None
+                    done.set_result(None)
+        await self._consumer.stop()
+
+    async def switch(self, bootstrap: str) -> None:
+        done = asyncio.get_running_loop().create_future()
+        self._switching = bootstrap, time.time() * 1000, done
+        await done
 
 
 async def run_rate(
     rate: int, seconds: float, broker: EmbeddedKafka, prefix: str, features: list[dict[str, Any]],
     procs: dict[str, subprocess.Popen[bytes]], units: int, interval_s: float,
-    ports: dict[str, int], warmup_s: float, pg: EmbeddedPostgres,
+    ports: dict[str, int], warmup_s: float, pg: EmbeddedPostgres, rollover_every: float,
+    token: str,
 ) -> dict[str, Any]:  # fmt: skip
     rng = np.random.default_rng(rate + 1)
-    bootstrap = broker.bootstrap
+    settings = CommonSettings(topic_prefix=prefix)
     rings = [f["geometry"]["coordinates"][0][:-1] for f in features]
     centres = [
         (sum(p[0] for p in ring) / len(ring), sum(p[1] for p in ring) / len(ring)) for ring in rings
     ]
-    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=5)
-    await producer.start()
-    out = BatchProducer(producer)
-    # Latency is taken from the status record's own timestamp (when dosage produced it), so
-    # this watcher need not poll fast; a slow poll keeps it from loading the shared broker.
-    consumer = AIOKafkaConsumer(prefix + "dosage.zone-status", bootstrap_servers=bootstrap,
-                                fetch_max_wait_ms=200, auto_offset_reset="latest")  # fmt: skip
-    await consumer.start()
-    await consumer.getmany(timeout_ms=500)
-    latencies: list[tuple[int, float]] = []  # (when sent, ms)
-    measure_from_ms = [float("inf")]
+    feed = rollover.SwitchedProducer(broker.bootstrap, settings.topic_raw)
+    await feed.start()
+    watch = StatusWatch(broker.bootstrap, settings.topic_status)
+    await watch.start()
     stop = asyncio.Event()
+    watcher = asyncio.create_task(watch.run(stop))
+    broker_cpu = BrokerCpu(broker)
+    handles = [rollover.RemoteStage(n, f"http://127.0.0.1:{ports[n]}", token) for n in SERVICES]
+    rolled: list[dict[str, float]] = []
 
-    async def watch() -> None:
-        while not stop.is_set():
-            for records in (await consumer.getmany(timeout_ms=100)).values():
-                for r in records:
-                    status = orjson.loads(r.value)
-                    # caused by the ping whose ts is as_of; r.timestamp is when dosage sent it
-                    first = status["status"] == "active" and status["elapsed_s"] == 0
-                    if first and r.timestamp >= measure_from_ms[0]:
-                        latencies.append((r.timestamp, r.timestamp - parse_ts(status["as_of"])))
+    async def roll() -> None:
+        while True:
+            await asyncio.sleep(rollover_every)
+            rolled.append(await rollover.roll_over(broker, settings, handles, feed.switch,
+                                                   {"watch": watch.switch,
+                                                    "cpu": broker_cpu.moved}))  # fmt: skip
 
-    watcher = asyncio.create_task(watch())
+    roller = asyncio.create_task(roll()) if rollover_every else None
     assert pg.proc is not None
     pg_pid = pg.proc.pid
     sent = 0
@@ -162,9 +230,10 @@ async def run_rate(
                 break
             await asyncio.sleep(0.25)
         w["caught_up"], w["warmup_s"] = caught_up, time.monotonic() - t0
-        measure_from_ms[0] = time.time() * 1000
+        watch.measure_from_ms = time.time() * 1000
         w["cpu0"] = {n: cpu_seconds(p.pid) for n, p in procs.items()}
-        w["broker0"], w["pg0"] = broker_cpu(broker), tree_cpu(pg_pid)
+        w["broker0"], w["pg0"] = broker_cpu(), tree_cpu(pg_pid)
+        w["rolled0"] = len(rolled)
         w["sent0"], w["t0"] = sent, time.monotonic()
         w["taken0"] = await _taken(ports["geofence"])
         w["before"] = {n: await _histogram(ports[n]) for n in SERVICES}
@@ -180,7 +249,7 @@ async def run_rate(
         for _ in range(n):
             batch.append((keys[k], heads[k] + stamp))
             k = (k + 1) % pool_n
-        await out.send(prefix + "avl.pings.raw", batch)
+        await feed.send(batch)
         sent += n
         if rate:
             await asyncio.sleep(max(0.0, t0 + sent / rate - time.monotonic()))
@@ -190,16 +259,22 @@ async def run_rate(
     # Throughput: pings the geofence stage took in the window (at "max" the sender can
     # outrun the pipeline, so what was sent says little).
     through = (await _taken(ports["geofence"]) - w["taken0"]) / elapsed
+    if roller is not None:
+        roller.cancel()  # a rollover under way is cut short: these services stop next anyway
+        with contextlib.suppress(asyncio.CancelledError):
+            await roller
     await asyncio.sleep(2.0)
     stop.set()
     await watcher
     cpu = {n: cpu_seconds(p.pid) - w["cpu0"][n] for n, p in procs.items()}
-    cpu_broker = broker_cpu(broker) - w["broker0"]
+    cpu_broker = broker_cpu() - w["broker0"]
     cpu_pg = tree_cpu(pg_pid) - w["pg0"]
     stages = {n: await _stage_quantiles(ports[n], w["before"][n]) for n in SERVICES}
     waited = {n: await _save_wait(ports[n]) - w["waited0"][n] for n in STATEFUL}
-    await consumer.stop()
-    await producer.stop()
+    await feed.stop()
+    for handle in handles:
+        await handle.aclose()
+    latencies = watch.latencies
     lat = np.asarray([ms for _, ms in latencies] or [float("nan")])
     row: dict[str, Any] = {
         "rate": rate or "max",
@@ -213,9 +288,15 @@ async def run_rate(
         "p999_ms": float(np.percentile(lat, 99.9)),
         # Whether it holds: the embedded broker's hops slow as its topics fill (docs).
         "p99_each_10s_ms": " ".join(
-            f"{np.percentile(part, 99):.0f}" for part in _slices(latencies, measure_from_ms[0])
+            f"{np.percentile(part, 99):.0f}" for part in _slices(latencies, watch.measure_from_ms)
         ),
     }
+    moves = rolled[w["rolled0"] :]
+    row["rollovers"] = len(moves)
+    if moves:
+        # From the sender's switch until dosage reads the new broker: the stages' part.
+        row["moved_ms_max"] = max(m["dosage_s"] for m in moves) * 1000
+        row["prepare_s_max"] = max(m["prepare_s"] for m in moves)
     for name in SERVICES:
         row[f"cpu_{name}"] = cpu[name] / sent * 1000
     row["cpu_broker"] = cpu_broker / sent * 1000
@@ -313,6 +394,8 @@ async def main() -> None:
     parser.add_argument(
         "--partitions", default="1,4", help="of each topic (DOSEWATCH_PARTITIONS), each in turn"
     )
+    parser.add_argument("--rollover-every", type=float, default=0.0,
+                        help="s between moves to a fresh embedded broker (0: none)")  # fmt: skip
     args = parser.parse_args()
     async with embedded_stack() as st:
         rows = await run_rates(args, st)
@@ -331,24 +414,27 @@ async def run_rates(args: argparse.Namespace, st: Stack) -> list[dict[str, Any]]
     await db.migrate(conn)
     await import_zones(conn, {"type": "FeatureCollection", "features": features})
     await conn.close()
+    token = secrets.token_urlsafe(24)  # for the services' control routes
     env = dict(os.environ) | {
-        "DOSEWATCH_KAFKA_BOOTSTRAP": st.broker.bootstrap,
         "DOSEWATCH_DATABASE_URL": st.url,
         "DOSEWATCH_LOG_LEVEL": "WARNING",
+        "DOSEWATCH_CONTROL_TOKEN": token,
     }
     rows: list[dict[str, Any]] = []
     for i, (partitions, rate) in enumerate(runs):
         # Fresh topics per run: the embedded broker's fetch cost grows with the batches
         # already in a topic (see docs/performance.md), which would charge this run for
-        # the ones before it.
+        # the ones before it. The broker itself may be another since the last run.
         prefix = f"bench{i}."
-        run_env = env | {"DOSEWATCH_TOPIC_PREFIX": prefix, "DOSEWATCH_PARTITIONS": str(partitions)}
+        run_env = env | {"DOSEWATCH_TOPIC_PREFIX": prefix, "DOSEWATCH_PARTITIONS": str(partitions),
+                         "DOSEWATCH_KAFKA_BOOTSTRAP": st.broker.bootstrap}  # fmt: skip
         procs, ports = await start_services(run_env, st.state)
         try:
             own = features[i * args.zones : (i + 1) * args.zones]
             row = {"partitions": partitions}
             row |= await run_rate(rate, args.seconds, st.broker, prefix, own, procs, args.units,
-                                  args.interval, ports, args.warmup, st.pg)  # fmt: skip
+                                  args.interval, ports, args.warmup, st.pg, args.rollover_every,
+                                  token)  # fmt: skip
             rows.append(row)
         finally:
             for p in procs.values():
