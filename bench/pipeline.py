@@ -178,10 +178,10 @@ async def run_rate(
     rate: int, seconds: float, broker: EmbeddedKafka, prefix: str, features: list[dict[str, Any]],
     procs: dict[str, subprocess.Popen[bytes]], units: int, interval_s: float,
     ports: dict[str, int], warmup_s: float, pg: EmbeddedPostgres, rollover_every: float,
-    token: str,
+    token: str, partitions: int,
 ) -> dict[str, Any]:  # fmt: skip
     rng = np.random.default_rng(rate + 1)
-    settings = CommonSettings(topic_prefix=prefix)
+    settings = CommonSettings(topic_prefix=prefix, partitions=partitions)
     rings = [f["geometry"]["coordinates"][0][:-1] for f in features]
     centres = [
         (sum(p[0] for p in ring) / len(ring), sum(p[1] for p in ring) / len(ring)) for ring in rings
@@ -434,7 +434,7 @@ async def run_rates(args: argparse.Namespace, st: Stack) -> list[dict[str, Any]]
             row = {"partitions": partitions}
             row |= await run_rate(rate, args.seconds, st.broker, prefix, own, procs, args.units,
                                   args.interval, ports, args.warmup, st.pg, args.rollover_every,
-                                  token)  # fmt: skip
+                                  token, partitions)  # fmt: skip
             rows.append(row)
         finally:
             for p in procs.values():

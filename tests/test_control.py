@@ -14,6 +14,7 @@ import asyncpg
 import httpx
 
 from dosewatch import rollover
+from services.common import kafka
 from services.common.embedded import EmbeddedKafka, free_port
 from services.common.settings import CommonSettings
 from tests.pipeline_helpers import (
@@ -74,6 +75,7 @@ def test_stage_processes_move_to_new_brokers_and_give_what_one_broker_gives(
             for p in [*procs.values(), plain]:
                 await asyncio.to_thread(p.wait_ready)
             out["answers"] = await _answers(procs["geofence"].port, plain.port)
+            out["other_count"] = await _prepare_elsewhere(procs["geofence"].port, topic_prefix)
             pids = {n: p.proc.pid for n, p in procs.items() if p.proc is not None}
             await feed.start()
             lines = keyed(expected.lines)
@@ -128,6 +130,8 @@ def test_stage_processes_move_to_new_brokers_and_give_what_one_broker_gives(
         "both conditions": 422,
         "started without a token": 404,
     }
+    status, detail = out["other_count"]
+    assert status == 502 and "partitions" in detail and "geofence keeps its state" in detail
     assert len(set(out["brokers"])) == 3
     assert all(set(s) == {"prepare_s", "ingest_s", "geofence_s", "dosage_s"} for s in out["steps"])
     assert 0 < out["sent_before"] < out["chunks"], "records were sent across the rollover, too"
@@ -159,3 +163,20 @@ async def _answers(port: int, plain_port: int) -> dict[str, int]:
             ),
         }
     return {what: r.status_code for what, r in asked.items()}
+
+
+async def _prepare_elsewhere(port: int, topic_prefix: str) -> tuple[int, str]:
+    """A prepare towards a broker whose pings topic has another partition count (2, not 4)."""
+    other = EmbeddedKafka(free_port())
+    await other.start()
+    try:
+        there = CommonSettings(kafka_bootstrap=other.bootstrap, topic_prefix=topic_prefix,
+                               partitions=2)  # fmt: skip
+        await kafka.ensure_topics(there, {there.topic_pings: {}})
+        async with httpx.AsyncClient() as client:
+            r = await client.post(f"http://127.0.0.1:{port}/control/prepare",
+                                  json={"bootstrap": other.bootstrap},
+                                  headers={"Authorization": f"Bearer {TOKEN}"})  # fmt: skip
+        return r.status_code, r.json()["detail"]
+    finally:
+        await other.stop()

@@ -265,8 +265,20 @@ class StatefulService(abc.ABC):
     async def prepare_move(self, bootstrap: str) -> None:
         """Open clients on another broker, one whose topics are new, reading its input from the
         start; `move` takes them up."""
+        assert self.consumer is not None
         s = self.settings.model_copy(update={"kafka_bootstrap": bootstrap})
-        self._next = s, await kafka.open_clients(s, self.group_id, self.topic, _FromStart)
+        clients = await kafka.open_clients(s, self.group_id, self.topic, _FromStart)
+        here = await kafka.all_partitions(self.consumer, self.topic)
+        there = await kafka.all_partitions(clients.consumer, self.topic)
+        if len(there) != len(here):
+            await clients.close()
+            # A key's partition is its hash modulo the count: the state held for a unit or a
+            # zone would not be where its records arrive.
+            raise RuntimeError(
+                f"{self.topic} has {len(there)} partitions on {bootstrap} and {len(here)} here: "
+                f"{self.name} keeps its state by partition, so it can move only to as many"
+            )
+        self._next = s, clients
 
     @property
     def prepared(self) -> bool:
