@@ -225,12 +225,21 @@ class SwitchedProducer:
         self._out: kafka.BatchProducer | None = None
         self.sends = 0
         self.sends_at_switch: list[int] = []
+        self._stopping: list[asyncio.Task[None]] = []
 
     async def start(self) -> None:
-        self._producer = AIOKafkaProducer(bootstrap_servers=self.bootstrap,
-                                          linger_ms=self.linger_ms)  # fmt: skip
-        await self._producer.start()
+        self._producer = await self._open(self.bootstrap)
         self._out = kafka.BatchProducer(self._producer)
+
+    async def _open(self, bootstrap: str) -> AIOKafkaProducer:
+        producer = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=self.linger_ms)
+        await producer.start()
+        try:
+            await producer.partitions_for(self.topic)  # metadata now, not at the first send
+        except BaseException:
+            await kafka.stop_client(producer)
+            raise
+        return producer
 
     async def send(self, records: Iterable[tuple[bytes | None, bytes]]) -> None:
         """Keyed records, a batch per partition, acked."""
@@ -240,16 +249,21 @@ class SwitchedProducer:
             self.sends += 1
 
     async def switch(self, bootstrap: str) -> Condition:
+        """Sends wait only while what was sent to the old broker is answered: the producer on
+        the new one is started before, the old one stopped after."""
+        following = await self._open(bootstrap)
         async with self.lock:
             assert self._producer is not None and self._out is not None
             await self._out.settled()
             self.sends_at_switch.append(self.sends)
             ends = self._out.ends_of(self.topic)
-            await kafka.stop_client(self._producer)
+            old, self._producer = self._producer, following
+            self._out = kafka.BatchProducer(following)
             self.bootstrap = bootstrap
-            await self.start()
+        self._stopping.append(asyncio.create_task(kafka.stop_client(old)))  # off the move's path
         return {"ends": ends}
 
     async def stop(self) -> None:
         if self._producer is not None:
             await kafka.stop_client(self._producer)
+        await asyncio.gather(*self._stopping)

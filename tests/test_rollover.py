@@ -19,6 +19,7 @@ from dosewatch import rollover
 from dosewatch.rollover import RolloverAbandoned
 from dosewatch.stack import Stack
 from services.api.settings import ApiSettings
+from services.common import kafka
 from services.common.embedded import EmbeddedKafka, EmbeddedProxy, free_port
 from services.dosage.service import DosageSettings
 from services.geofence.service import GeofenceService, GeofenceSettings
@@ -153,6 +154,16 @@ def test_rollover_midway_gives_what_one_broker_gives(
             # Once more with nothing left to do: every status on the new topic comes from
             # dosage publishing them again, and a replica would build the view from them.
             await stack.roll_over()
+            # Saved at the move: state with the new topics' start, for a restart to seek to.
+            await asyncio.sleep(0.5)
+            out["offsets"] = sorted(
+                tuple(r)
+                for r in await pool.fetch(
+                    "SELECT consumer, partition, next_offset FROM consumer_offsets "
+                    "WHERE topic = ANY($1::text[])",
+                    [stack.ingest_settings.topic_pings, stack.ingest_settings.topic_visits],
+                )
+            )
             async with asyncio.timeout(20):
                 while (topic := await _statuses(stack.broker.bootstrap, status_topic)) != _shown(
                     stack.api.ctx.book.zones
@@ -169,6 +180,8 @@ def test_rollover_midway_gives_what_one_broker_gives(
     assert 0 < out["visits_at_rollover"] < len(expected.visits)
     assert out["visits"] == expected.visits
     assert out["periods"] == expected.periods
+    assert out["offsets"] and {o for _c, _p, o in out["offsets"]} == {0}
+    assert {c for c, _p, _o in out["offsets"]} == {"geofence", "dosage"}
     # The view held across the rollover, and across the second one unchanged.
     assert out["book_at_rollover"]
     assert set(out["book_at_rollover"]) <= set(out["book"])
@@ -270,3 +283,36 @@ def test_a_stage_that_cannot_read_to_the_end_stops_the_rollover_saying_which(
 
     message = asyncio.run(scenario())
     assert message.startswith("broker rollover stuck: geofence did not read its input on the")
+
+
+def test_clients_opened_ahead_of_a_move_fetch_nothing_until_it(
+    database_url: str, topic_prefix: str
+) -> None:
+    """A stage's consumer on the new broker holds its partitions paused while the stage still
+    reads the old one (it would poll the new broker every few ms for nothing); the move
+    resumes them."""
+
+    async def scenario() -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        async with _running(database_url, topic_prefix) as (_proxy, stack, _pool):
+            assert stack.broker is not None
+            following = await stack.broker.successor()
+            try:
+                s = stack.ingest_settings.model_copy(
+                    update={"kafka_bootstrap": following.bootstrap}
+                )
+                await kafka.ensure_topics(s, rollover.topics(s))
+                for name in ("ingest", "geofence"):
+                    stage = stack.stages[name]
+                    await stage.prepare_move(following.bootstrap)
+                    consumer = stage._next[1].consumer
+                    out[name] = (consumer.assignment(), consumer.paused())
+                    await stage.cancel_move()
+            finally:
+                await stack.broker.retire(following.proc)
+        return out
+
+    out = asyncio.run(scenario())
+    for name in ("ingest", "geofence"):
+        assigned, paused = out[name]
+        assert assigned and paused == assigned, name

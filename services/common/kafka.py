@@ -212,6 +212,51 @@ _HASHES: dict[bytes, int] = {}
 _HASHES_MAX = 200_000
 
 
+class Held(ConsumerRebalanceListener):  # type: ignore[misc]
+    """The listener of a consumer opened ahead of a move to another broker (a stage's
+    `prepare_move`): its partitions are paused as they are handed over, so it fetches
+    nothing, and costs that broker nothing, until the move `release`s them. `from_start`:
+    read them from offset 0 (the topics there are new; offsets saved here are not theirs).
+    Once released, partitions handed over or taken away go to `after`, the listener the
+    stage has had all along (state saved and loaded with the offsets on that broker)."""
+
+    def __init__(self, from_start: bool, after: ConsumerRebalanceListener | None = None) -> None:
+        self.from_start = from_start
+        self.after = after
+        self.held = True
+        self.consumer: AIOKafkaConsumer | None = None
+
+    def bind(self, consumer: AIOKafkaConsumer) -> Held:
+        """For `open_clients`' `listener_for`."""
+        self.consumer = consumer
+        return self
+
+    def hold(self) -> None:
+        """Pause what is assigned already (taken by hand, the start resumed it)."""
+        assert self.consumer is not None
+        self.consumer.pause(*self.consumer.assignment())
+
+    def release(self) -> None:
+        assert self.consumer is not None
+        self.held = False
+        self.consumer.resume(*self.consumer.assignment())
+
+    async def on_partitions_assigned(self, assigned: Sequence[TopicPartition]) -> None:
+        assert self.consumer is not None
+        if not self.held:
+            if self.after is not None:
+                await self.after.on_partitions_assigned(assigned)
+            return
+        if self.from_start:
+            for tp in assigned:
+                self.consumer.seek(tp, 0)
+        self.consumer.pause(*assigned)
+
+    async def on_partitions_revoked(self, revoked: Sequence[TopicPartition]) -> None:
+        if not self.held and self.after is not None:
+            await self.after.on_partitions_revoked(revoked)
+
+
 @dataclass(frozen=True, slots=True)
 class Clients:
     """A stage's producer and consumer on one broker."""

@@ -53,21 +53,6 @@ class _Listener(kafka.ConsumerRebalanceListener):  # type: ignore[misc]
             await self.owner.assign([tp.partition for tp in assigned])
 
 
-class _FromStart(kafka.ConsumerRebalanceListener):  # type: ignore[misc]
-    """Partitions on a broker this member moves to: its topics are new, so they are read from
-    the start, and the state held goes on (`StatefulService.move`)."""
-
-    def __init__(self, consumer: AIOKafkaConsumer) -> None:
-        self.consumer = consumer
-
-    async def on_partitions_assigned(self, assigned: Sequence[TopicPartition]) -> None:
-        for tp in assigned:
-            self.consumer.seek(tp, 0)
-
-    async def on_partitions_revoked(self, revoked: Sequence[TopicPartition]) -> None:
-        return None
-
-
 class StatefulService(abc.ABC):
     name: str
 
@@ -93,7 +78,9 @@ class StatefulService(abc.ABC):
         self._pending_offsets: dict[int, int] = {}
         self._last_save = 0.0
         self.lag = LagWatch(self.name, settings.consumer_stall_s)
-        self._next: tuple[CommonSettings, kafka.Clients] | None = None  # see `prepare_move`
+        self._next: tuple[CommonSettings, kafka.Clients, kafka.Held] | None = (
+            None  # see `prepare_move`
+        )
         self.store = PartitionStateStore(self.name, topic)
         self.ready = False
 
@@ -267,7 +254,9 @@ class StatefulService(abc.ABC):
         start; `move` takes them up."""
         assert self.consumer is not None
         s = self.settings.model_copy(update={"kafka_bootstrap": bootstrap})
-        clients = await kafka.open_clients(s, self.group_id, self.topic, _FromStart)
+        held = kafka.Held(from_start=True, after=_Listener(self))
+        clients = await kafka.open_clients(s, self.group_id, self.topic, held.bind)
+        held.hold()
         here = await kafka.all_partitions(self.consumer, self.topic)
         there = await kafka.all_partitions(clients.consumer, self.topic)
         if len(there) != len(here):
@@ -278,7 +267,7 @@ class StatefulService(abc.ABC):
                 f"{self.topic} has {len(there)} partitions on {bootstrap} and {len(here)} here: "
                 f"{self.name} keeps its state by partition, so it can move only to as many"
             )
-        self._next = s, clients
+        self._next = s, clients, held
 
     @property
     def prepared(self) -> bool:
@@ -287,7 +276,7 @@ class StatefulService(abc.ABC):
     async def cancel_move(self) -> None:
         """Close the clients `prepare_move` opened, if any (the move did not come)."""
         if self._next is not None:
-            _settings, clients = self._next
+            clients = self._next[1]
             self._next = None
             await clients.close()
 
@@ -308,10 +297,17 @@ class StatefulService(abc.ABC):
         assert self.producer is not None and self.out is not None
         await self.quiet()
         left = kafka.MovedFrom(kafka.Clients(self.producer, self.consumer), self.out)
-        self.settings, clients = self._next
+        self.settings, clients, held = self._next
         self.producer, self.consumer = clients.producer, clients.consumer
+        held.release()
         self.out = kafka.BatchProducer(self.producer)
         self._next = None
+        # Saved at once (in the background), the state with the new topics' start as its
+        # offsets: restarted before its next save, the stage would otherwise seek the new
+        # topics to where the old ones ended, and the embedded broker answers a fetch past
+        # the end with nothing, not with an error.
+        self._pending_offsets = dict.fromkeys(self.partitions, 0)
+        self._commit_pending(time.monotonic())
         return left
 
     async def save(self, outputs: list[Any], offsets: dict[int, int]) -> None:

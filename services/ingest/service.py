@@ -62,7 +62,9 @@ class IngestService:
         self._committing: asyncio.Task[None] | None = None
         self._stepping: asyncio.Task[None] | None = None
         self._last_commit = 0.0
-        self._next: tuple[IngestSettings, kafka.Clients] | None = None  # see `prepare_move`
+        self._next: tuple[IngestSettings, kafka.Clients, kafka.Held] | None = (
+            None  # see `prepare_move`
+        )
         self._lag = LagWatch(SERVICE, settings.consumer_stall_s)
         # Well-formed single pings the fast way; every other message by the rules, guarded.
         self._rules = functools.partial(_guarded, normalise_message)
@@ -112,7 +114,10 @@ class IngestService:
         """Open clients on another broker, one whose topics are new; `move` takes them up.
         Its group has no commits there, so the raw topic is read from the start."""
         s = self.settings.model_copy(update={"kafka_bootstrap": bootstrap})
-        self._next = s, await kafka.open_clients(s, s.group_id, s.topic_raw)
+        held = kafka.Held(from_start=False)
+        clients = await kafka.open_clients(s, s.group_id, s.topic_raw, held.bind)
+        held.hold()
+        self._next = s, clients, held
 
     @property
     def prepared(self) -> bool:
@@ -121,7 +126,7 @@ class IngestService:
     async def cancel_move(self) -> None:
         """Close the clients `prepare_move` opened, if any (the move did not come)."""
         if self._next is not None:
-            _settings, clients = self._next
+            clients = self._next[1]
             self._next = None
             await clients.close()
 
@@ -143,8 +148,9 @@ class IngestService:
         assert self._producer is not None and self._out is not None
         await self.quiet()
         left = kafka.MovedFrom(kafka.Clients(self._producer, self._consumer), self._out)
-        self.settings, clients = self._next
+        self.settings, clients, held = self._next
         self._producer, self._consumer = clients.producer, clients.consumer
+        held.release()
         self._out = kafka.BatchProducer(self._producer)
         self._consumed, self._next = {}, None
         await left.out.settled()
