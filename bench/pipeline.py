@@ -53,6 +53,7 @@ from services.common.zonestore import import_zones
 SERVICES = ("ingest", "geofence", "dosage")
 STATEFUL = ("geofence", "dosage")
 WARMUP_MAX_S = 30.0  # a rate past capacity never catches up: measure it anyway, marked behind
+STEADY_LOOKS = 4  # caught up at that many looks in a row, 0.25 s apart
 
 
 def beats(
@@ -199,9 +200,10 @@ async def run_rate(
     async def roll() -> None:
         while True:
             await asyncio.sleep(rollover_every)
-            rolled.append(await rollover.roll_over(broker, settings, handles, feed.switch,
-                                                   {"watch": watch.switch,
-                                                    "cpu": broker_cpu.moved}))  # fmt: skip
+            began_ms = time.time() * 1000
+            then = {"watch": watch.switch, "cpu": broker_cpu.moved}
+            steps = await rollover.roll_over(broker, settings, handles, feed.switch, then)
+            rolled.append(steps | {"began_ms": began_ms})
 
     roller = asyncio.create_task(roll()) if rollover_every else None
     assert pg.proc is not None
@@ -224,15 +226,18 @@ async def run_rate(
         await asyncio.sleep(warmup_s)
         deadline = time.monotonic() + WARMUP_MAX_S
         behind = max(100, rate // 50)  # records: 20 ms of pings
+        steady = 0  # the backlog's last statuses come out after the stages first catch up
         while True:
             caught_up = max([await _lag(ports[n]) for n in SERVICES]) <= behind
-            if caught_up or time.monotonic() >= deadline:
+            steady = steady + 1 if caught_up else 0
+            if steady >= STEADY_LOOKS or time.monotonic() >= deadline:
                 break
             await asyncio.sleep(0.25)
         w["caught_up"], w["warmup_s"] = caught_up, time.monotonic() - t0
         watch.measure_from_ms = time.time() * 1000
         w["cpu0"] = {n: cpu_seconds(p.pid) for n, p in procs.items()}
         w["broker0"], w["pg0"] = broker_cpu(), tree_cpu(pg_pid)
+        w["self0"] = cpu_seconds(os.getpid())
         w["rolled0"] = len(rolled)
         w["sent0"], w["t0"] = sent, time.monotonic()
         w["taken0"] = await _taken(ports["geofence"])
@@ -268,6 +273,7 @@ async def run_rate(
     await watcher
     cpu = {n: cpu_seconds(p.pid) - w["cpu0"][n] for n, p in procs.items()}
     cpu_broker = broker_cpu() - w["broker0"]
+    cpu_self = cpu_seconds(os.getpid()) - w["self0"]
     cpu_pg = tree_cpu(pg_pid) - w["pg0"]
     stages = {n: await _stage_quantiles(ports[n], w["before"][n]) for n in SERVICES}
     waited = {n: await _save_wait(ports[n]) - w["waited0"][n] for n in STATEFUL}
@@ -297,10 +303,14 @@ async def run_rate(
         # From the sender's switch until dosage reads the new broker: the stages' part.
         row["moved_ms_max"] = max(m["dosage_s"] for m in moves) * 1000
         row["prepare_s_max"] = max(m["prepare_s"] for m in moves)
+    if os.environ.get("BENCH_TRACE"):  # every sample and rollover of the run, for a closer look
+        trace = {"from_ms": watch.measure_from_ms, "latencies": latencies, "rollovers": moves}
+        Path(os.environ["BENCH_TRACE"]).write_bytes(orjson.dumps(trace))
     for name in SERVICES:
         row[f"cpu_{name}"] = cpu[name] / sent * 1000
     row["cpu_broker"] = cpu_broker / sent * 1000
     row["cpu_postgres"] = cpu_pg / sent * 1000
+    row["cpu_bench"] = cpu_self / sent * 1000  # the sender and the watcher: load, not pipeline
     for name in SERVICES:
         row[f"p99_{name}_ms"] = stages[name]
     for name in STATEFUL:
