@@ -327,10 +327,20 @@ def _slices(latencies: list[tuple[int, float]], start_ms: float) -> list[list[fl
     return [parts[i] for i in sorted(parts)]
 
 
+_SCRAPER: list[httpx.AsyncClient] = []
+
+
+def _scraper() -> httpx.AsyncClient:
+    """One client for every scrape: making one costs tens of ms (its TLS context), during
+    which this process's loop, which also sends the pings, stands still."""
+    if not _SCRAPER:
+        _SCRAPER.append(httpx.AsyncClient())
+    return _SCRAPER[0]
+
+
 async def _samples(port: int, name: str) -> list[tuple[str, float]]:
     """(labels, value) of each sample of one metric, scraped from a service's /metrics."""
-    async with httpx.AsyncClient() as client:
-        text = (await client.get(f"http://127.0.0.1:{port}/metrics")).text
+    text = (await _scraper().get(f"http://127.0.0.1:{port}/metrics")).text
     return [
         (line[len(name) : line.rindex(" ")], float(line.rsplit(" ", 1)[1]))
         for line in text.splitlines()
@@ -409,6 +419,8 @@ async def main() -> None:
     args = parser.parse_args()
     async with embedded_stack() as st:
         rows = await run_rates(args, st)
+    for client in _SCRAPER:
+        await client.aclose()
     print()
     print(table(rows, [(k, k) for k in rows[0]]))
     print(f"results: {save('pipeline', rows)}")

@@ -166,12 +166,14 @@ async def roll_over(
 
     Should the new broker or a stage's clients on it fail to start, nothing has moved
     (`RolloverAbandoned`). `settings` gives the topics to make. Returns, in seconds, how
-    long the preparing took and when each stage had moved, from the input's switch."""
+    long the new broker took to start and the preparing in all, and when each stage had
+    moved, from the input's switch."""
     started = time.monotonic()
     try:
         following = await broker.successor()
     except Exception as exc:
         raise RolloverAbandoned(f"a new broker did not start: {exc!r}") from exc
+    broker_s = time.monotonic() - started
     try:
         await kafka.ensure_topics(
             settings.model_copy(update={"kafka_bootstrap": following.bootstrap}), topics(settings)
@@ -182,7 +184,7 @@ async def roll_over(
         await broker.retire(following.proc)
         raise RolloverAbandoned(f"the stages could not reach the new broker: {exc!r}") from exc
     old = broker.adopt(following)
-    steps = {"prepare_s": time.monotonic() - started}
+    steps = {"broker_s": broker_s, "prepare_s": time.monotonic() - started}
     try:
         moving_from = time.monotonic()
         condition = await switch_input(following.bootstrap)

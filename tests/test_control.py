@@ -133,7 +133,10 @@ def test_stage_processes_move_to_new_brokers_and_give_what_one_broker_gives(
     status, detail = out["other_count"]
     assert status == 502 and "partitions" in detail and "geofence keeps its state" in detail
     assert len(set(out["brokers"])) == 3
-    assert all(set(s) == {"prepare_s", "ingest_s", "geofence_s", "dosage_s"} for s in out["steps"])
+    assert all(
+        set(s) == {"broker_s", "prepare_s", "ingest_s", "geofence_s", "dosage_s"}
+        for s in out["steps"]
+    )
     assert 0 < out["sent_before"] < out["chunks"], "records were sent across the rollover, too"
     assert out["visits"] == expected.visits
     assert out["periods"] == expected.periods

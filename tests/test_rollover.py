@@ -176,7 +176,14 @@ def test_rollover_midway_gives_what_one_broker_gives(
     print(f"rollover steps: {out['steps']}; visits saved before: {out['visits_at_rollover']}")
     assert out["moved"]
     assert out["chunks_before"] < out["chunks"], "records were sent across the rollover, too"
-    assert set(out["steps"]) == {"prepare_s", "ingest_s", "geofence_s", "dosage_s", "api_s"}
+    assert set(out["steps"]) == {
+        "broker_s",
+        "prepare_s",
+        "ingest_s",
+        "geofence_s",
+        "dosage_s",
+        "api_s",
+    }
     assert 0 < out["visits_at_rollover"] < len(expected.visits)
     assert out["visits"] == expected.visits
     assert out["periods"] == expected.periods
