@@ -240,13 +240,6 @@ class StatefulService(abc.ABC):
         acks = self.out.take_unacked() if self.out is not None else []
         self.start_save(outputs, offsets, acks)
 
-    async def quiet(self) -> None:
-        """Once `run` has stopped: finish the batch in flight, then save everything applied,
-        after its outputs are acked. What this member wrote is then all on the broker."""
-        if self._stepping is not None:
-            await self._stepping
-        await self.flush()
-
     # -- moving to another broker (`dosewatch up`'s embedded one, renewed) --------------------
 
     async def prepare_move(self, bootstrap: str) -> None:
@@ -291,11 +284,18 @@ class StatefulService(abc.ABC):
         return await kafka.caught_up(self.consumer, since_ms)
 
     async def move(self) -> kafka.MovedFrom:
-        """Once `run` has stopped, having read its input on the old broker to the end: save
-        it all (outputs acked), then go on with the clients `prepare_move` opened."""
+        """Once `run` has stopped, having read its input on the old broker to the end: wait
+        for its outputs' acks (the next stage reads up to them), then go on with the clients
+        `prepare_move` opened. The save of what it did there runs on in the background, as
+        saves do, and any save on the new broker comes after it: the move does not wait for
+        the database."""
         assert self._next is not None and self.consumer is not None
         assert self.producer is not None and self.out is not None
-        await self.quiet()
+        if self._stepping is not None:
+            await self._stepping
+        if self._pending_offsets or self._pending_outputs:
+            self._commit_pending(time.monotonic())
+        await self.out.settled()
         left = kafka.MovedFrom(kafka.Clients(self.producer, self.consumer), self.out)
         self.settings, clients, held = self._next
         self.producer, self.consumer = clients.producer, clients.consumer

@@ -98,16 +98,6 @@ class IngestService:
             await kafka.stop_client(self._producer)
         await self.cancel_move()
 
-    async def quiet(self) -> None:
-        """Once `run` has stopped: finish the batch in flight and commit what was read, after
-        its outputs are acked."""
-        if self._stepping is not None:
-            await self._stepping
-        if self._consumed:
-            self._commit()
-        if self._committing is not None:
-            await self._committing
-
     # -- moving to another broker (`dosewatch up`'s embedded one, renewed) --------------------
 
     async def prepare_move(self, bootstrap: str) -> None:
@@ -141,12 +131,17 @@ class IngestService:
         return await kafka.reached(self._consumer, ends)
 
     async def move(self) -> kafka.MovedFrom:
-        """Once `run` has stopped, having read the old broker's raw topic to the end: commit,
-        then go on with the clients `prepare_move` opened. The HTTP intake sends to the new
-        broker from then on; what it sent to the old one is acked before this returns."""
+        """Once `run` has stopped, having read the old broker's raw topic to the end: go on
+        with the clients `prepare_move` opened. The HTTP intake sends to the new broker from
+        then on; what it sent to the old one is acked before this returns. Nothing is
+        committed there: that broker is on its way out, and its commits would never be read."""
         assert self._next is not None and self._consumer is not None
         assert self._producer is not None and self._out is not None
-        await self.quiet()
+        if self._stepping is not None:
+            await self._stepping
+        committing, self._committing = self._committing, None
+        if committing is not None:  # may fail as the old clients close; nothing reads it
+            committing.add_done_callback(_forgotten)
         left = kafka.MovedFrom(kafka.Clients(self._producer, self._consumer), self._out)
         self.settings, clients, held = self._next
         self._producer, self._consumer = clients.producer, clients.consumer
@@ -168,7 +163,7 @@ class IngestService:
                 if self._consumed and time.monotonic() - self._last_commit > 1.0:
                     self._commit()
                 continue
-            # Shielded: a stop or a move waits for the batch (`quiet`) instead of cutting it
+            # Shielded: a stop or a move waits for the batch (`stop`, `move`) instead of cutting it
             # between taking its records and queueing its outputs.
             self._stepping = asyncio.create_task(self._step(batches))
             await asyncio.shield(self._stepping)
@@ -329,6 +324,12 @@ class IngestService:
         rejected = [{"index": r.index, "errors": [e.model_dump() for e in r.errors]} for r in bad]
         status = 200 if ok or not bad else 422
         return JSONResponse({"accepted": len(ok), "rejected": rejected}, status_code=status)
+
+
+def _forgotten(task: asyncio.Task[None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.info("a commit on the broker moved from did not finish", extra={
+            "error": repr(task.exception())})  # fmt: skip
 
 
 def _guarded(
