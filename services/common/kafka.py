@@ -274,13 +274,18 @@ async def open_clients(
     group_id: str,
     topic: str,
     listener_for: Callable[[AIOKafkaConsumer], ConsumerRebalanceListener] | None = None,
+    outputs: Sequence[str] = (),
 ) -> Clients:
     """A started producer, and a consumer of `topic` started by `start_consumer` with the
-    listener `listener_for` makes for it; the producer is stopped should the consumer fail."""
+    listener `listener_for` makes for it; the producer is stopped should the consumer fail.
+    The producer knows the partitions of `outputs` already (at a move, its first sends would
+    otherwise wait for that)."""
     producer_ = producer(settings)
     await producer_.start()
     consumer_ = consumer(settings, group_id)
     try:
+        for output in outputs:
+            await producer_.partitions_for(output)
         listener = listener_for(consumer_) if listener_for is not None else None
         await start_consumer(consumer_, settings, topic, listener)
     except BaseException:

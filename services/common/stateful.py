@@ -87,6 +87,10 @@ class StatefulService(abc.ABC):
     # -- what a service supplies -------------------------------------------------------------
 
     @abc.abstractmethod
+    def output_topics(self) -> list[str]:
+        """The topics `publish` sends to."""
+
+    @abc.abstractmethod
     def restore_partition(self, partition: int, rows: dict[str, Any]) -> None: ...
 
     @abc.abstractmethod
@@ -248,7 +252,8 @@ class StatefulService(abc.ABC):
         assert self.consumer is not None
         s = self.settings.model_copy(update={"kafka_bootstrap": bootstrap})
         held = kafka.Held(from_start=True, after=_Listener(self))
-        clients = await kafka.open_clients(s, self.group_id, self.topic, held.bind)
+        clients = await kafka.open_clients(s, self.group_id, self.topic, held.bind,
+                                           self.output_topics())  # fmt: skip
         held.hold()
         here = await kafka.all_partitions(self.consumer, self.topic)
         there = await kafka.all_partitions(clients.consumer, self.topic)

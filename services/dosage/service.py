@@ -133,6 +133,9 @@ class DosageService(StatefulService):
         board.dirty.clear()
         self.boards[partition] = board
 
+    def output_topics(self) -> list[str]:
+        return [self.settings.topic_status, self.settings.topic_audit]
+
     def drop_partition(self, partition: int) -> None:
         self.boards.pop(partition, None)
 

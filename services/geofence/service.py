@@ -220,6 +220,9 @@ class GeofenceService(StatefulService):
         # Visits in zones deleted while this partition was unowned end now, not crash later.
         self._backlog.extend(self._records_of(tracker.reconcile()))
 
+    def output_topics(self) -> list[str]:
+        return [self.gsettings.topic_visits]
+
     def drop_partition(self, partition: int) -> None:
         self.trackers.pop(partition, None)
         self._next_table.pop(partition, None)

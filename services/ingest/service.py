@@ -105,7 +105,8 @@ class IngestService:
         Its group has no commits there, so the raw topic is read from the start."""
         s = self.settings.model_copy(update={"kafka_bootstrap": bootstrap})
         held = kafka.Held(from_start=False)
-        clients = await kafka.open_clients(s, s.group_id, s.topic_raw, held.bind)
+        clients = await kafka.open_clients(s, s.group_id, s.topic_raw, held.bind,
+                                           [s.topic_pings, s.topic_dlq])  # fmt: skip
         held.hold()
         self._next = s, clients, held
 
