@@ -106,7 +106,8 @@ class LocalStage:
 
 class RemoteStage:
     """A stage running as a process of its own, moved through its control routes
-    (DOSEWATCH_CONTROL_TOKEN); it closes its old clients itself."""
+    (DOSEWATCH_CONTROL_TOKEN); it closes its old clients itself, from its move on, and
+    `release` waits for that."""
 
     def __init__(self, name: str, base_url: str, token: str,
                  timeout_s: float = moving.MOVE_TIMEOUT_S) -> None:  # fmt: skip
@@ -133,7 +134,7 @@ class RemoteStage:
         return {t: {int(p): end for p, end in parts.items()} for t, parts in ends.items()}
 
     async def release(self) -> None:
-        return None
+        await self._post("/control/release", {})
 
     async def aclose(self) -> None:
         await self._http.aclose()

@@ -114,7 +114,8 @@ class Moved(BaseModel):
 
 
 def control_router(stage: Movable, runner: Runner, token: SecretStr) -> APIRouter:
-    """POST /control/prepare, /control/move and /control/cancel, for bearers of `token`."""
+    """POST /control/prepare, /control/move, /control/release and /control/cancel, for
+    bearers of `token`."""
     expected = f"Bearer {token.get_secret_value()}".encode()
 
     def authorised(request: Request) -> None:
@@ -141,6 +142,12 @@ def control_router(stage: Movable, runner: Runner, token: SecretStr) -> APIRoute
     async def cancel() -> None:
         async with one_at_a_time:
             await stage.cancel_move()
+
+    @router.post("/release", status_code=204)
+    async def release() -> None:
+        """Once every stage has moved, before the old broker goes: the old clients closed
+        (which began right after the move), so none of them looks for that broker."""
+        await asyncio.gather(*list(closing), return_exceptions=True)
 
     @router.post("/move")
     async def move(body: Move) -> Moved:
