@@ -18,11 +18,13 @@ import time
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Protocol
 
+from aiokafka import AIOKafkaConsumer
 from fastapi import APIRouter, Depends, HTTPException, Request
 from pydantic import BaseModel, Field, SecretStr, model_validator
 
 from services.common import kafka
 from services.common.runner import Runner, run_service
+from services.common.settings import CommonSettings
 
 log = logging.getLogger(__name__)
 MOVE_TIMEOUT_S = 60.0
@@ -38,6 +40,45 @@ class Movable(Protocol):
     async def reached(self, ends: Mapping[int, int]) -> bool: ...
     async def drained(self, since_ms: float) -> bool: ...
     async def move(self) -> kafka.MovedFrom: ...
+
+
+class MovingParts:
+    """What ingest and the stateful stages share of a move: the clients opened ahead of it
+    (`_next`: the settings for the new broker, the clients, their `kafka.Held` listener),
+    and whether the input on the old broker has been read to the end."""
+
+    _next: tuple[Any, kafka.Clients, kafka.Held] | None
+
+    def input_consumer(self) -> AIOKafkaConsumer:
+        raise NotImplementedError
+
+    @staticmethod
+    async def open_next(
+        settings: CommonSettings, group_id: str, topic: str, outputs: list[str], held: kafka.Held
+    ) -> kafka.Clients:
+        """Clients on the new broker, their partitions held until the move."""
+        clients = await kafka.open_clients(settings, group_id, topic, held.bind, outputs)
+        held.hold()
+        return clients
+
+    @property
+    def prepared(self) -> bool:
+        return self._next is not None
+
+    async def cancel_move(self) -> None:
+        """Close the clients `prepare_move` opened, if any (the move did not come)."""
+        if self._next is not None:
+            clients = self._next[1]
+            self._next = None
+            await clients.close()
+
+    async def reached(self, ends: Mapping[int, int]) -> bool:
+        """Whether every record before `ends` (partition -> offset) has been handed out."""
+        return await kafka.reached(self.input_consumer(), ends)
+
+    async def drained(self, since_ms: float) -> bool:
+        """Whether every record has been handed out, as of `since_ms` (`kafka.caught_up`)."""
+        return await kafka.caught_up(self.input_consumer(), since_ms)
 
 
 class Stuck(RuntimeError):

@@ -17,7 +17,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from functools import partial
 from typing import Any
 
@@ -28,6 +28,7 @@ from services.common import db, kafka
 from services.common.fetched import FetchedRecord
 from services.common.lag import LagWatch
 from services.common.metrics import DB_RETRIES, SAVE_SECONDS, SAVE_WAIT
+from services.common.moving import MovingParts
 from services.common.settings import CommonSettings
 from services.common.statestore import Change, PartitionStateStore
 
@@ -53,7 +54,7 @@ class _Listener(kafka.ConsumerRebalanceListener):  # type: ignore[misc]
             await self.owner.assign([tp.partition for tp in assigned])
 
 
-class StatefulService(abc.ABC):
+class StatefulService(MovingParts, abc.ABC):
     name: str
 
     def __init__(self, settings: CommonSettings, topic: str, group_id: str, wall_clock: bool,
@@ -252,9 +253,7 @@ class StatefulService(abc.ABC):
         assert self.consumer is not None
         s = self.settings.model_copy(update={"kafka_bootstrap": bootstrap})
         held = kafka.Held(from_start=True, after=_Listener(self))
-        clients = await kafka.open_clients(s, self.group_id, self.topic, held.bind,
-                                           self.output_topics())  # fmt: skip
-        held.hold()
+        clients = await self.open_next(s, self.group_id, self.topic, self.output_topics(), held)
         here = await kafka.all_partitions(self.consumer, self.topic)
         there = await kafka.all_partitions(clients.consumer, self.topic)
         if len(there) != len(here):
@@ -267,26 +266,9 @@ class StatefulService(abc.ABC):
             )
         self._next = s, clients, held
 
-    @property
-    def prepared(self) -> bool:
-        return self._next is not None
-
-    async def cancel_move(self) -> None:
-        """Close the clients `prepare_move` opened, if any (the move did not come)."""
-        if self._next is not None:
-            clients = self._next[1]
-            self._next = None
-            await clients.close()
-
-    async def reached(self, ends: Mapping[int, int]) -> bool:
-        """Whether every record before `ends` (partition -> offset) has been handed out."""
+    def input_consumer(self) -> AIOKafkaConsumer:
         assert self.consumer is not None
-        return await kafka.reached(self.consumer, ends)
-
-    async def drained(self, since_ms: float) -> bool:
-        """Whether every record has been handed out, as of `since_ms` (`kafka.caught_up`)."""
-        assert self.consumer is not None
-        return await kafka.caught_up(self.consumer, since_ms)
+        return self.consumer
 
     async def move(self) -> kafka.MovedFrom:
         """Once `run` has stopped, having read its input on the old broker to the end: wait

@@ -11,7 +11,7 @@ import contextlib
 import functools
 import logging
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, TypeVar
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
@@ -25,6 +25,7 @@ from services.common.fetched import FetchedRecord
 from services.common.http import HttpServer, probe_app
 from services.common.lag import LagWatch
 from services.common.metrics import EVENTS_OUT, LATENCY, PINGS_IN, PINGS_REJECTED
+from services.common.moving import MovingParts, run_stage
 from services.common.settings import CommonSettings
 from services.ingest.core.fast import FastNormaliser, Normalised, normalise_each
 from services.ingest.core.normalise import (
@@ -49,7 +50,7 @@ class IngestSettings(CommonSettings):
     max_pings_per_request: int = Field(10_000, ge=1)
 
 
-class IngestService:
+class IngestService(MovingParts):
     name = SERVICE
 
     def __init__(self, settings: IngestSettings) -> None:
@@ -105,31 +106,13 @@ class IngestService:
         Its group has no commits there, so the raw topic is read from the start."""
         s = self.settings.model_copy(update={"kafka_bootstrap": bootstrap})
         held = kafka.Held(from_start=False)
-        clients = await kafka.open_clients(s, s.group_id, s.topic_raw, held.bind,
-                                           [s.topic_pings, s.topic_dlq])  # fmt: skip
-        held.hold()
+        clients = await self.open_next(s, s.group_id, s.topic_raw, [s.topic_pings, s.topic_dlq],
+                                       held)  # fmt: skip
         self._next = s, clients, held
 
-    @property
-    def prepared(self) -> bool:
-        return self._next is not None
-
-    async def cancel_move(self) -> None:
-        """Close the clients `prepare_move` opened, if any (the move did not come)."""
-        if self._next is not None:
-            clients = self._next[1]
-            self._next = None
-            await clients.close()
-
-    async def drained(self, since_ms: float) -> bool:
-        """Whether every raw record has been handed out, as of `since_ms` (`kafka.caught_up`)."""
+    def input_consumer(self) -> AIOKafkaConsumer:
         assert self._consumer is not None
-        return await kafka.caught_up(self._consumer, since_ms)
-
-    async def reached(self, ends: Mapping[int, int]) -> bool:
-        """Whether every raw record before `ends` (partition -> offset) has been handed out."""
-        assert self._consumer is not None
-        return await kafka.reached(self._consumer, ends)
+        return self._consumer
 
     async def move(self) -> kafka.MovedFrom:
         """Once `run` has stopped, having read the old broker's raw topic to the end: go on
@@ -366,8 +349,6 @@ def _problem(status: int, detail: str, headers: dict[str, str] | None = None) ->
 
 
 async def main(settings: IngestSettings | None = None) -> None:
-    from services.common.moving import run_stage
-
     await run_stage(IngestService(settings or IngestSettings()))
 
 
