@@ -89,11 +89,7 @@ class LocalStage:
         await self.stage.cancel_move()
 
     async def move(self, condition: Condition) -> dict[str, dict[int, int]]:
-        if "ends" in condition:
-            ends = condition["ends"]
-            done: Callable[[], Awaitable[bool]] = lambda: self.stage.reached(ends)  # noqa: E731
-        else:
-            done = lambda: self.stage.drained(condition["since_ms"])  # noqa: E731
+        done = moving.read_to_end(self.stage, condition.get("ends"), condition.get("since_ms"))
         left = await moving.move_stage(self.stage, self.runner, done, self.timeout_s)
         self._left.append(left)
         return moving.ends_by_topic(left.out)

@@ -16,6 +16,7 @@ import hmac
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
+from functools import partial
 from typing import Any, Protocol
 
 from aiokafka import AIOKafkaConsumer
@@ -116,6 +117,17 @@ async def move_stage(
     return left
 
 
+def read_to_end(
+    stage: Movable, ends: Mapping[int, int] | None, since_ms: float | None
+) -> Callable[[], Awaitable[bool]]:
+    """Whether the stage has read its input on the old broker to the end: up to `ends`, or
+    else as fetches answered after `since_ms` see it."""
+    if ends is not None:
+        return partial(stage.reached, ends)
+    assert since_ms is not None
+    return partial(stage.drained, since_ms)
+
+
 def ends_by_topic(out: kafka.BatchProducer) -> dict[str, dict[int, int]]:
     """Topic -> partition -> the offset after the last record acked there."""
     found: dict[str, dict[int, int]] = {}
@@ -196,12 +208,7 @@ def control_router(stage: Movable, runner: Runner, token: SecretStr) -> APIRoute
             if not stage.prepared:
                 raise HTTPException(409, "nothing prepared: POST /control/prepare first")
             started = time.monotonic()
-            if body.ends is not None:
-                ends = body.ends
-                done: Callable[[], Awaitable[bool]] = lambda: stage.reached(ends)  # noqa: E731
-            else:
-                since_ms = body.since_ms or 0.0
-                done = lambda: stage.drained(since_ms)  # noqa: E731
+            done = read_to_end(stage, body.ends, body.since_ms)
             try:
                 left = await move_stage(stage, runner, done, body.timeout_s)
             except Stuck as exc:
