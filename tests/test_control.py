@@ -12,6 +12,8 @@ from typing import Any
 
 import asyncpg
 import httpx
+import pytest
+from pydantic import ValidationError
 
 from dosewatch import rollover
 from services.common import kafka
@@ -185,3 +187,15 @@ async def _prepare_elsewhere(port: int, topic_prefix: str) -> tuple[int, str]:
         return r.status_code, r.json()["detail"]
     finally:
         await other.stop()
+
+
+def test_a_short_control_token_is_refused_with_a_clear_error(tmp_path: Path) -> None:
+    """Whoever holds the token can point a stage at any broker: an empty or short one is a
+    mistake to say at start, not a door left open ("Bearer " alone would match an empty one)."""
+    for short in ("", "not-long-enough"):
+        with pytest.raises(ValidationError, match="at least 16 characters"):
+            CommonSettings(control_token=short)
+    token_file = tmp_path / "token"
+    token_file.write_text(TOKEN + "\n")
+    from_file = CommonSettings(control_token_file=token_file).control_token
+    assert from_file is not None and from_file.get_secret_value() == TOKEN
