@@ -215,13 +215,13 @@ _HASHES_MAX = 200_000
 class Held(ConsumerRebalanceListener):  # type: ignore[misc]
     """The listener of a consumer opened ahead of a move to another broker (a stage's
     `prepare_move`): its partitions are paused as they are handed over, so it fetches
-    nothing, and costs that broker nothing, until the move `release`s them. `from_start`:
-    read them from offset 0 (the topics there are new; offsets saved here are not theirs).
+    nothing, and costs that broker nothing, until the move `release`s them. They are read from
+    offset 0: the topics there are new, and a position taken from the group's commits there
+    (none) was now and then past the end, where the broker answers nothing.
     Once released, partitions handed over or taken away go to `after`, the listener the
     stage has had all along (state saved and loaded with the offsets on that broker)."""
 
-    def __init__(self, from_start: bool, after: ConsumerRebalanceListener | None = None) -> None:
-        self.from_start = from_start
+    def __init__(self, after: ConsumerRebalanceListener | None = None) -> None:
         self.after = after
         self.held = True
         self.consumer: AIOKafkaConsumer | None = None
@@ -247,9 +247,8 @@ class Held(ConsumerRebalanceListener):  # type: ignore[misc]
             if self.after is not None:
                 await self.after.on_partitions_assigned(assigned)
             return
-        if self.from_start:
-            for tp in assigned:
-                self.consumer.seek(tp, 0)
+        for tp in assigned:
+            self.consumer.seek(tp, 0)
         self.consumer.pause(*assigned)
 
     async def on_partitions_revoked(self, revoked: Sequence[TopicPartition]) -> None:

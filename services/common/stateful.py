@@ -252,7 +252,7 @@ class StatefulService(MovingParts, abc.ABC):
         start; `move` takes them up."""
         assert self.consumer is not None
         s = self.settings.model_copy(update={"kafka_bootstrap": bootstrap})
-        held = kafka.Held(from_start=True, after=_Listener(self))
+        held = kafka.Held(after=_Listener(self))
         clients = await self.open_next(s, self.group_id, self.topic, self.output_topics(), held)
         here = await kafka.all_partitions(self.consumer, self.topic)
         there = await kafka.all_partitions(clients.consumer, self.topic)

@@ -103,11 +103,9 @@ class IngestService(MovingParts):
 
     async def prepare_move(self, bootstrap: str) -> None:
         """Open clients on another broker, one whose topics are new; `move` takes them up.
-        The raw topic there is read from offset 0: taking the position from the group's
-        commits there (none) left it past the topic's end now and then, and a fetch past the
-        end answers nothing until a move replaces the consumer."""
+        The raw topic there is read from offset 0 (`kafka.Held`)."""
         s = self.settings.model_copy(update={"kafka_bootstrap": bootstrap})
-        held = kafka.Held(from_start=True)
+        held = kafka.Held()
         clients = await self.open_next(s, s.group_id, s.topic_raw, [s.topic_pings, s.topic_dlq],
                                        held)  # fmt: skip
         self._next = s, clients, held
