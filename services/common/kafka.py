@@ -216,8 +216,9 @@ class Held(ConsumerRebalanceListener):  # type: ignore[misc]
     """The listener of a consumer opened ahead of a move to another broker (a stage's
     `prepare_move`): its partitions are paused as they are handed over, so it fetches
     nothing, and costs that broker nothing, until the move `release`s them. They are read from
-    offset 0: the topics there are new, and a position taken from the group's commits there
-    (none) was now and then past the end, where the broker answers nothing.
+    offset 0: the topics there are new. Ingest once took its position from the group's commits
+    there (none) and now and then read nothing until the next move, most likely from past
+    the end (docs/performance.md, "Fifteenth round").
     Once released, partitions handed over or taken away go to `after`, the listener the
     stage has had all along (state saved and loaded with the offsets on that broker)."""
 
