@@ -43,7 +43,10 @@ from services.dosage.periodstore import refresh_periods
 
 log = logging.getLogger(__name__)
 META = ""
-REPUBLISH_SLICE = 500  # zones: about 15 ms of the loop each
+# A move publishes every zone's status again (`_republish`) in slices this size, paced: a
+# slice holds the loop for 2-4 ms, and the pause lets the pings' batches run between them.
+REPUBLISH_SLICE = 250  # zones
+REPUBLISH_PAUSE_S = 0.02
 _VISIT_TYPES = set(VISIT_TYPES.values())
 
 
@@ -71,6 +74,9 @@ class DosageService(StatefulService):
                          settings.tick_s)  # fmt: skip
         self.dsettings = settings
         self._republishing: asyncio.Task[None] | None = None
+        # zone -> its status as last published, encoded: what the compacted topic holds for it,
+        # which a move to another broker publishes there again without building it anew.
+        self._published: dict[str, bytes] = {}
         self.calendar = ShiftCalendar(settings.tz, parse_shift_starts(settings.shifts))
         self.rules: dict[str, ZoneRules] = {}
         self.boards: dict[int, ZoneBoard] = {}
@@ -132,12 +138,14 @@ class DosageService(StatefulService):
                 board.restore_zone(key, value)
         board.dirty.clear()
         self.boards[partition] = board
+        self._published.clear()  # another instance may have published since (rare: rebuilt)
 
     def output_topics(self) -> list[str]:
         return [self.settings.topic_status, self.settings.topic_audit]
 
     def drop_partition(self, partition: int) -> None:
         self.boards.pop(partition, None)
+        self._published.clear()  # its zones' statuses are another instance's to publish now
 
     async def move(self) -> kafka.MovedFrom:
         await self._stop_republishing()  # the slices left would go to the new broker only
@@ -147,18 +155,36 @@ class DosageService(StatefulService):
         return left
 
     async def _republish(self) -> None:
-        """Publish every owned zone's status again, a slice at a time between batches: at
-        once it held the loop for about 150 ms at 5,000 zones, and the pings with it. Each
-        slice is its zones' status as it stands then, so one that changed meanwhile goes out
-        as it is now, after the change's own status."""
+        """Publish every owned zone's status again, paced slices between batches: what the
+        old broker's compacted topic held for it, as last published. A zone this process has
+        not published since it took the partition is built from the board as it stands.
+        Built anew, a status holds the loop about 20 us; sent as last encoded, 3-6 (5,000
+        zones: 16-33 ms in 20 slices over 0.42 s, against 69 ms with half of them built, and
+        110 ms unpaced; docs/performance.md, "Sixteenth round"). Each slice reads what was
+        last published when it goes, so a zone that changed meanwhile goes out as it is now,
+        after its change's own status."""
+        started, built, held = time.monotonic(), 0, 0.0
         owned = self._owned(sorted(self.partitions))
         for start in range(0, len(owned), REPUBLISH_SLICE):
+            if start:
+                await asyncio.sleep(REPUBLISH_PAUSE_S)
             async with self.lock:
-                await self.publish([
-                    Output(status=status_row(self.boards[p].snapshot(zone_id)))
-                    for p, zone_id in owned[start : start + REPUBLISH_SLICE]
-                    if p in self.boards
-                ])  # fmt: skip
+                took = time.monotonic()
+                statuses: list[tuple[bytes, bytes | None]] = []
+                for p, zone_id in owned[start : start + REPUBLISH_SLICE]:
+                    encoded = self._published.get(zone_id)
+                    if encoded is None and p in self.boards and zone_id in self.boards[p].zones:
+                        encoded = orjson.dumps(status_row(self.boards[p].snapshot(zone_id)))
+                        self._published[zone_id] = encoded
+                        built += 1
+                    if encoded is not None:
+                        statuses.append((zone_id.encode(), encoded))
+                await self._send_statuses(statuses)
+                held += time.monotonic() - took
+        # held_s: how long the slices held the loop (and the pings), of took_s in all.
+        took_s = round(time.monotonic() - started, 3)
+        log.info("statuses published again", extra={"zones": len(owned), "built": built,
+                 "held_s": round(held, 4), "took_s": took_s})  # fmt: skip
 
     def _owned(self, partitions: list[int]) -> list[tuple[int, str]]:
         """(partition, zone) for every zone these partitions own that has a status (every
@@ -299,19 +325,28 @@ class DosageService(StatefulService):
     async def publish(self, outputs: list[Any]) -> None:
         assert self.out is not None
         s = self.dsettings
-        statuses: list[tuple[bytes | None, bytes | None]] = [
-            (o.status["zone_id"].encode(), orjson.dumps(o.status)) if o.status is not None
-            else (o.deleted_zone.encode(), None)
-            for o in outputs if o.status is not None or o.deleted_zone is not None
-        ]  # fmt: skip
+        statuses: list[tuple[bytes, bytes | None]] = []
+        for o in outputs:
+            if o.status is not None:
+                zone_id = o.status["zone_id"]
+                encoded = self._published[zone_id] = orjson.dumps(o.status)
+                statuses.append((zone_id.encode(), encoded))
+            elif o.deleted_zone is not None:
+                self._published.pop(o.deleted_zone, None)
+                statuses.append((o.deleted_zone.encode(), None))
         audits = [(o.audit["subject"].encode(), orjson.dumps(o.audit))
                   for o in outputs if o.audit is not None]  # fmt: skip
-        if statuses:
-            await self.out.send(s.topic_status, statuses, wait=False)
-            EVENTS_OUT.labels(self.name, s.topic_status).inc(len(statuses))
+        await self._send_statuses(statuses)
         if audits:
             await self.out.send(s.topic_audit, audits, wait=False)
             EVENTS_OUT.labels(self.name, s.topic_audit).inc(len(audits))
+
+    async def _send_statuses(self, statuses: list[tuple[bytes, bytes | None]]) -> None:
+        assert self.out is not None
+        if statuses:
+            topic = self.dsettings.topic_status
+            await self.out.send(topic, statuses, wait=False)
+            EVENTS_OUT.labels(self.name, topic).inc(len(statuses))
 
     async def write(self, conn: asyncpg.Connection, outputs: list[Any]) -> None:
         # One statement per table over arrays, not a round trip per row: a commit interval
