@@ -95,6 +95,60 @@ async def _run(bootstrap: str, prefix: str) -> None:
         await kafka.stop_client(member)
 
 
+async def _held(bootstrap: str, prefix: str, assignment: str) -> dict[str, object]:
+    """A consumer opened ahead of a move (`kafka.Held`, as `prepare_move` opens one), on a
+    topic whose group has commits: nothing while held, then every partition from offset 0."""
+    topic = prefix + "held"
+    settings = CommonSettings(
+        kafka_bootstrap=bootstrap, topic_prefix=prefix, partitions=PARTITIONS,
+        fetch_max_wait_ms=5, consumer_assignment=assignment,
+    )  # fmt: skip
+    await kafka.ensure_topics(settings, {topic: {}})
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap)
+    await producer.start()
+    try:
+        for p in range(PARTITIONS):
+            for i in range(PER_PARTITION):
+                await producer.send(topic, b"%d" % i, partition=p)
+        await producer.flush()
+    finally:
+        await producer.stop()
+    # Commits that must not count: one inside the log, one at its end (a position there
+    # would read only what comes later).
+    committer = kafka.consumer(settings, "h")
+    await committer.start()
+    parts = [TopicPartition(topic, p) for p in (0, 1)]
+    committer.assign(parts)
+    await committer.commit({parts[0]: PER_PARTITION, parts[1]: 3})
+    await kafka.stop_client(committer)
+
+    held = kafka.Held()
+    clients = await kafka.open_clients(settings, "h", topic, held.bind)
+    held.hold()
+    try:
+        consumer = clients.consumer
+        async with asyncio.timeout(20):
+            while len(consumer.assignment()) < PARTITIONS:  # a group hands them over later
+                await asyncio.sleep(0.05)
+        while_held = await consumer.getmany(timeout_ms=300)
+        held.release()
+        return {"while_held": while_held, "first": await _first_offsets(consumer)}
+    finally:
+        await clients.close()
+
+
+@pytest.mark.parametrize("assignment", ["all", "group"])
+def test_a_held_consumer_reads_from_the_start_once_released(
+    kafka_bootstrap: str, topic_prefix: str, assignment: str
+) -> None:
+    """Ingest's prepared consumer once took its position from the group's commits on the new
+    broker and, now and then, read nothing until the next move (docs/performance.md,
+    "Fifteenth round")."""
+    out = asyncio.run(_held(kafka_bootstrap, topic_prefix, assignment))
+    assert out["while_held"] == {}
+    assert out["first"] == {0: 0, 1: 0, 2: 0}
+
+
 def test_partitions_taken_by_hand(kafka_bootstrap: str, topic_prefix: str) -> None:
     asyncio.run(_run(kafka_bootstrap, topic_prefix))
 
