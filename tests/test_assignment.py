@@ -46,13 +46,8 @@ async def _first_offsets(consumer: AIOKafkaConsumer) -> dict[int, int]:
     return first
 
 
-async def _run(bootstrap: str, prefix: str) -> None:
-    topic = prefix + "assigned"
-    settings = CommonSettings(
-        kafka_bootstrap=bootstrap, topic_prefix=prefix, partitions=PARTITIONS,
-        fetch_max_wait_ms=5, consumer_assignment="all",
-    )  # fmt: skip
-    await kafka.ensure_topics(settings, {topic: {}})
+async def _fill(bootstrap: str, topic: str) -> None:
+    """PER_PARTITION records in each partition."""
     producer = AIOKafkaProducer(bootstrap_servers=bootstrap)
     await producer.start()
     try:
@@ -62,6 +57,16 @@ async def _run(bootstrap: str, prefix: str) -> None:
         await producer.flush()
     finally:
         await producer.stop()
+
+
+async def _run(bootstrap: str, prefix: str) -> None:
+    topic = prefix + "assigned"
+    settings = CommonSettings(
+        kafka_bootstrap=bootstrap, topic_prefix=prefix, partitions=PARTITIONS,
+        fetch_max_wait_ms=5, consumer_assignment="all",
+    )  # fmt: skip
+    await kafka.ensure_topics(settings, {topic: {}})
+    await _fill(bootstrap, topic)
 
     # The group has committed partition 1 up to 3 (as ingest commits).
     committer = kafka.consumer(settings, "g")
@@ -104,15 +109,7 @@ async def _held(bootstrap: str, prefix: str, assignment: str) -> dict[str, objec
         fetch_max_wait_ms=5, consumer_assignment=assignment,
     )  # fmt: skip
     await kafka.ensure_topics(settings, {topic: {}})
-    producer = AIOKafkaProducer(bootstrap_servers=bootstrap)
-    await producer.start()
-    try:
-        for p in range(PARTITIONS):
-            for i in range(PER_PARTITION):
-                await producer.send(topic, b"%d" % i, partition=p)
-        await producer.flush()
-    finally:
-        await producer.stop()
+    await _fill(bootstrap, topic)
     # Commits that must not count: one inside the log, one at its end (a position there
     # would read only what comes later).
     committer = kafka.consumer(settings, "h")
