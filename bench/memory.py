@@ -55,6 +55,9 @@ def measure(what: str, zones: int, units: int) -> dict[str, Any]:
         fixes = [Fix(u, t, x, y) for u, t, x, y in
                  zip(unit_ids, ts.tolist(), lon.tolist(), lat.tolist(), strict=True)]  # fmt: skip
         del unit_ids, ts, lon, lat
+        # Compile the rules (numba) and import what they use on a throwaway tracker first:
+        # the compiler's own heap is paid once per process, not per unit.
+        VisitTracker(index, params).process(fixes[:8192])
         gc.collect()
         # The Python heap the tracker holds (freed input would hide it from RSS).
         tracemalloc.start()
