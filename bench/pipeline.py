@@ -16,6 +16,9 @@ broker's fetches cost more for each batch its partitions hold, so its latency cl
 a long window (docs/performance.md). With `--rollover-every S`, the services move to a fresh
 embedded broker every S seconds, told through their control routes (`rollover.RemoteStage`),
 as `dosewatch up` moves its stages; the sender switches with them, and so does the watcher.
+As under `dosewatch up`, each stage takes every partition itself rather than joining a group
+(whose first join waits at least a second, at every start and move), unless
+DOSEWATCH_CONSUMER_ASSIGNMENT says otherwise.
 """
 
 from __future__ import annotations
@@ -441,6 +444,7 @@ async def run_rates(args: argparse.Namespace, st: Stack) -> list[dict[str, Any]]
         "DOSEWATCH_DATABASE_URL": st.url,
         "DOSEWATCH_LOG_LEVEL": "WARNING",
         "DOSEWATCH_CONTROL_TOKEN": token,
+        "DOSEWATCH_CONSUMER_ASSIGNMENT": os.environ.get("DOSEWATCH_CONSUMER_ASSIGNMENT", "all"),
     }
     rows: list[dict[str, Any]] = []
     for i, (partitions, rate) in enumerate(runs):
