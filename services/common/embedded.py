@@ -27,7 +27,7 @@ _PR_SET_PDEATHSIG = 1
 PG_SYSTEM_USER = "dosewatch_pg"  # PostgreSQL refuses to run as root
 
 
-def _die_with_parent(sig: signal.Signals) -> Callable[[], None]:
+def die_with_parent(sig: signal.Signals) -> Callable[[], None]:
     libc = ctypes.CDLL("libc.so.6", use_errno=True)
 
     def preexec() -> None:
@@ -55,7 +55,7 @@ def _package_dir(name: str) -> Path:
     return Path(spec.origin).parent
 
 
-class _Server:
+class ChildServer:
     """A child process the stack cannot do without; `ended` tells when it dies on its own."""
 
     what = "an embedded server"
@@ -81,7 +81,7 @@ class _Server:
         await _stop(self.proc, sig)
 
 
-class _Tansu(_Server):
+class _Tansu(ChildServer):
     """A Tansu process (broker or proxy) listening on `port`, which clients reach it by."""
 
     def __init__(self, port: int, log_path: Path | None = None) -> None:
@@ -195,7 +195,7 @@ async def _spawn(args: list[str], log_path: Path | None) -> asyncio.subprocess.P
     # Spawned from the event-loop thread: PDEATHSIG follows the thread that forked.
     return await asyncio.create_subprocess_exec(
         str(binary), *args, stdout=out, stderr=subprocess.STDOUT,
-        preexec_fn=_die_with_parent(signal.SIGTERM),
+        preexec_fn=die_with_parent(signal.SIGTERM),
         start_new_session=True,  # Ctrl-C reaches dosewatch, which stops it in order
     )  # fmt: skip
 
@@ -217,7 +217,7 @@ async def _listening(
             await asyncio.sleep(0.02)
 
 
-class EmbeddedPostgres(_Server):
+class EmbeddedPostgres(ChildServer):
     """A PostgreSQL server whose data lives under `data_dir` and survives restarts."""
 
     what = "the embedded PostgreSQL"
@@ -282,7 +282,7 @@ class EmbeddedPostgres(_Server):
             self._bin("postgres"), "-D", str(self.data_dir), "-h", "127.0.0.1",
             "-p", str(self.port), "-k", str(self.data_dir), "-c", "fsync=off",
             stdout=log, stderr=subprocess.STDOUT, user=self._user,
-            preexec_fn=_die_with_parent(signal.SIGINT),
+            preexec_fn=die_with_parent(signal.SIGINT),
             start_new_session=True,  # Ctrl-C reaches dosewatch, which stops it in order
         )  # fmt: skip
         self._planned = False
