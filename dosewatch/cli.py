@@ -75,6 +75,13 @@ def _parser() -> argparse.ArgumentParser:
     )
     up.add_argument("--units", type=int, default=25, help="demo patrol units")
     up.add_argument("--demo-zones", type=int, default=60, dest="demo_zones")
+    up.add_argument(
+        "--processes",
+        action="store_true",
+        default=None,
+        help="run each stage as a process of its own, for more than about 5,000 pings/s "
+        "(DOSEWATCH_STAGE_PROCESSES)",
+    )
     for name, text in (("ingest", "validate raw AVL input (Kafka and HTTP)"),
                        ("geofence", "pings -> visit events, per unit"),
                        ("dosage", "visit events -> zone status, history, audit"),
@@ -189,7 +196,8 @@ def _up(args: argparse.Namespace) -> int:
 
     logs.configure("up")
     try:
-        asyncio.run(up(args.state_dir, args.demo, args.speed, args.units, args.demo_zones))
+        asyncio.run(up(args.state_dir, args.demo, args.speed, args.units, args.demo_zones,
+                       args.processes))  # fmt: skip
     except EmbeddedError as e:
         print(f"dosewatch up: {e}", file=sys.stderr)
         return 1

@@ -1,5 +1,6 @@
 """The stages of `dosewatch up` as one unit: started in order, stopped in reverse, and rolled
-over to a fresh embedded broker when its topics grow (`rollover`)."""
+over to a fresh embedded broker when its topics grow (`rollover`). The stages run in this
+process, or each in its own (`stageproc`, given the environment they read settings from)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from typing import Any
 
 from dosewatch import rollover
 from dosewatch.rollover import RolloverAbandoned
+from dosewatch.stageproc import Launch, StageProcess, StageProcessError
 from services.api.service import ApiService
 from services.api.settings import ApiSettings
 from services.common import moving
@@ -63,12 +65,15 @@ class Stack:
         api: ApiSettings,
         broker: EmbeddedKafka | None = None,
         proxy: EmbeddedProxy | None = None,
+        processes: Launch | None = None,
     ) -> None:
+        """With `processes`, each stage runs as a process of its own."""
         self._settings: dict[str, Any] = {"ingest": ingest, "geofence": geofence,
                                           "dosage": dosage}  # fmt: skip
         self.api = ApiService(api)
         self.broker = broker
         self.proxy = proxy  # in front of the broker, for clients outside the process
+        self.processes = processes
         self.stages: dict[str, Any] = {}
         self._runners: dict[str, Runner] = {}
         self._supervised: list[asyncio.Task[Any]] = []
@@ -88,6 +93,11 @@ class Stack:
     def services(self) -> list[Any]:
         # In pipeline order, whichever stage finished starting first.
         return [*(self.stages[n] for n in STAGES if n in self.stages), self.api]
+
+    def addresses(self) -> dict[str, str]:
+        """Each stage's HTTP address and the API's, in pipeline order."""
+        return {s.name: f"http://127.0.0.1:{s.port if isinstance(s, StageProcess) else s.http.port}"
+                for s in self.services}  # fmt: skip
 
     async def start(self) -> None:
         self.failed = asyncio.get_running_loop().create_future()
@@ -158,10 +168,25 @@ class Stack:
         the stack goes on where it was (`RolloverAbandoned`). Returns, in seconds, how long
         the preparing took and when each stage had moved, from the proxy's restart."""
         assert self.broker is not None, "only the embedded broker is rolled over"
-        handles = [rollover.LocalStage(self.stages[n], self._runners[n], MOVE_TIMEOUT_S)
-                   for n in STAGES]  # fmt: skip
-        steps = await rollover.roll_over(self.broker, self.ingest_settings, handles,
-                                         self._switch_proxy, {"api": self._move_api})  # fmt: skip
+        handles: list[rollover.LocalStage] | list[rollover.RemoteStage]
+        if self.processes is None:
+            handles = [rollover.LocalStage(self.stages[n], self._runners[n], MOVE_TIMEOUT_S)
+                       for n in STAGES]  # fmt: skip
+        else:
+            handles = [rollover.RemoteStage(n, self.stages[n].url, self.processes.control_token,
+                                            MOVE_TIMEOUT_S) for n in STAGES]  # fmt: skip
+        try:
+            steps = await rollover.roll_over(
+                self.broker,
+                self.ingest_settings,
+                handles,
+                self._switch_proxy,
+                {"api": self._move_api},
+            )
+        finally:
+            for handle in handles:
+                if isinstance(handle, rollover.RemoteStage):
+                    await handle.aclose()
         for name in STAGES:
             self._settings[name] = self._settings[name].model_copy(
                 update={"kafka_bootstrap": self.broker.bootstrap}
@@ -198,6 +223,12 @@ class Stack:
     async def _start(self, name: str) -> None:
         settings = self._settings[name]
         stage: Any
+        if self.processes is not None:
+            process = StageProcess(name, self.processes.env)
+            await process.start()
+            self.stages[name] = process
+            self.supervise(asyncio.create_task(self._watch(process), name=name))
+            return
         if name == "ingest":
             stage = IngestService(settings)
         elif name == "geofence":
@@ -213,6 +244,13 @@ class Stack:
         stage = self.stages.pop(name, None)
         if stage is not None:
             await stage.stop()
+
+    @staticmethod
+    async def _watch(process: StageProcess) -> None:
+        """A stage process that ends on its own ends the stack (`_ended`): `up` says which
+        and stops everything else."""
+        why = await process.ended()
+        raise StageProcessError(f"{why}. Everything stopped: run `dosewatch up` again")
 
     def _run(self, name: str, service: Any) -> None:
         runner = self._runners[name] = Runner(service, name, self._ended)

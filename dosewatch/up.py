@@ -6,6 +6,10 @@ migrations, topics, the three services and the API; Ctrl-C stops everything and 
 process. With the embedded database it also keeps a development admin key in
 `<state-dir>/admin.key` and a dispatcher key for the console in `<state-dir>/dispatcher.key`
 (created once, mode 0600), so the API and the console can be tried at once.
+
+The stages run in this process unless `--processes` (DOSEWATCH_STAGE_PROCESSES) says each
+is to run in its own (`stageproc`): one process keeps up with about 5,000 pings/s on the
+embedded broker, and the stages as processes with 10,000 on two cores (docs/performance.md).
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import secrets
 import signal
 from pathlib import Path
 from typing import Any
@@ -23,6 +28,7 @@ from pydantic import Field, SecretStr
 from dosewatch import simulate
 from dosewatch.demo import make_zones
 from dosewatch.stack import Stack, stop_step
+from dosewatch.stageproc import Launch
 from services.api import keys
 from services.api.settings import ApiSettings
 from services.common import db
@@ -54,10 +60,14 @@ class UpSettings(CommonSettings):
     embedded_kafka_rollover_check_s: float = Field(15.0, gt=0)
     embedded_postgres_port: int = Field(0, ge=0, le=65535)  # 0: any free port
     api_port: int = Field(8000, ge=0, le=65535)
+    stage_processes: bool = False  # each stage a process of its own (`--processes`)
 
 
-async def up(state_dir: Path, demo: bool, speed: float, units: int, zones: int) -> None:
+async def up(state_dir: Path, demo: bool, speed: float, units: int, zones: int,
+             processes: bool | None = None) -> None:  # fmt: skip
     settings = UpSettings()
+    if processes is not None:
+        settings.stage_processes = processes
     state_dir.mkdir(parents=True, exist_ok=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -130,9 +140,10 @@ async def up(state_dir: Path, demo: bool, speed: float, units: int, zones: int) 
                                      - set(CommonSettings.model_fields))  # fmt: skip
         kafka_server = next((e for e in embedded if isinstance(e, EmbeddedKafka)), None)
         kafka_proxy = next((e for e in embedded if isinstance(e, EmbeddedProxy)), None)
+        launch = _launch(settings) if settings.stage_processes else None
         stack = Stack(IngestSettings(**shared), GeofenceSettings(**shared),
                       DosageSettings(**shared), ApiSettings(**shared, api_port=settings.api_port),
-                      kafka_server, kafka_proxy)  # fmt: skip
+                      kafka_server, kafka_proxy, launch)  # fmt: skip
         await stack.start()
         services = stack.services
         settle_gc()
@@ -148,14 +159,15 @@ async def up(state_dir: Path, demo: bool, speed: float, units: int, zones: int) 
             stack.supervise(asyncio.create_task(stack.watch_broker(
                 settings.embedded_kafka_rollover_records,
                 settings.embedded_kafka_rollover_check_s)))  # fmt: skip
-        ports = ", ".join(f"{s.name} http://127.0.0.1:{s.http.port}" for s in services)
+        ports = ", ".join(f"{name} {url}" for name, url in stack.addresses().items())
         key = f"; admin key in {admin_key}" if admin_key else ""
         kafka = (
             f"kafka {public} (fetch wait {settings.fetch_max_wait_ms} ms, "
             f"{settings.partitions} partition{'s' if settings.partitions > 1 else ''} a topic)"
         )
-        print(f"dosewatch ready: {kafka}; {ports}{key}", flush=True)
-        console = f"http://127.0.0.1:{services[-1].http.port}/"
+        where = "; stages in processes of their own" if launch else ""
+        print(f"dosewatch ready: {kafka}; {ports}{key}{where}", flush=True)
+        console = stack.addresses()["api"] + "/"
         if console_key is not None:
             # The key rides in the fragment, which the browser never sends to a server.
             console += "#key=" + console_key.read_text().strip()
@@ -174,6 +186,26 @@ async def up(state_dir: Path, demo: bool, speed: float, units: int, zones: int) 
             await stop_step(server.stop())
         if embedded or services:  # not when the first thing it started could not start
             print("dosewatch stopped", flush=True)
+
+
+def _launch(settings: UpSettings) -> Launch:
+    """The stage processes read their settings from this environment, as `up` has set them
+    (the embedded broker's and database's addresses, and its choices for them)."""
+    chosen: dict[str, object] = {
+        "kafka_bootstrap": settings.kafka_bootstrap,
+        "fetch_max_wait_ms": settings.fetch_max_wait_ms,
+        "partitions": settings.partitions,
+        "consumer_assignment": settings.consumer_assignment,
+    }
+    env = dict(os.environ) | {f"DOSEWATCH_{k.upper()}": str(v) for k, v in chosen.items()}
+    if "DOSEWATCH_DATABASE_URL" not in os.environ and settings.database_url_file is None:
+        env["DOSEWATCH_DATABASE_URL"] = settings.database_url.get_secret_value()  # embedded
+    if settings.control_token is not None:
+        token = settings.control_token.get_secret_value()  # the file, if any, says the same
+    else:
+        token = secrets.token_urlsafe(24)
+    env["DOSEWATCH_CONTROL_TOKEN"] = token
+    return Launch(env, token)
 
 
 async def _watch(server: EmbeddedKafka | EmbeddedProxy | EmbeddedPostgres,

@@ -111,10 +111,21 @@ def state_dir() -> Path:
     return root / "state"
 
 
-def test_up_ready_then_ctrl_c_stops_everything(state_dir: Path) -> None:
-    proc, lines = start_up(state_dir)
+STAGE_PROCESSES = pytest.mark.parametrize("args", [(), ("--processes",)], ids=["one", "processes"])
+
+
+def _stage_kids(pid: int) -> set[int]:
+    return {k for k in alive(children(pid))
+            if b"dosewatch.cli" in Path(f"/proc/{k}/cmdline").read_bytes()}  # fmt: skip
+
+
+@STAGE_PROCESSES
+def test_up_ready_then_ctrl_c_stops_everything(state_dir: Path, args: tuple[str, ...]) -> None:
+    proc, lines = start_up(state_dir, args=args)
     kids = children(proc.pid)
-    assert len(alive(kids)) >= 3  # the broker, its proxy and PostgreSQL
+    # The broker, its proxy and PostgreSQL; and the stages, with --processes.
+    assert len(alive(kids)) >= 3 + (3 if args else 0)
+    assert len(_stage_kids(proc.pid)) == (3 if args else 0)
     # In pipeline order, though the stages start together.
     assert re.findall(r"(\w+) http://", lines[-1]) == ["ingest", "geofence", "dosage", "api"]
     # The API is up, and the development admin key it announces works.
@@ -197,10 +208,11 @@ def test_a_second_up_says_why_it_cannot_start(state_dir: Path) -> None:
     assert proc.returncode == 0
 
 
-def test_kill_9_leaves_no_orphans(state_dir: Path) -> None:
-    proc, _ = start_up(state_dir)
+@STAGE_PROCESSES
+def test_kill_9_leaves_no_orphans(state_dir: Path, args: tuple[str, ...]) -> None:
+    proc, _ = start_up(state_dir, args=args)
     kids = alive(children(proc.pid))
-    assert kids
+    assert len(kids) >= 3 + (3 if args else 0)
     proc.kill()
     proc.wait()
     deadline = time.monotonic() + 10
@@ -209,16 +221,19 @@ def test_kill_9_leaves_no_orphans(state_dir: Path) -> None:
     assert not alive(kids)
 
 
-def test_up_rolls_its_broker_over_and_keeps_going(state_dir: Path) -> None:
+@STAGE_PROCESSES
+def test_up_rolls_its_broker_over_and_keeps_going(state_dir: Path, args: tuple[str, ...]) -> None:
     """Past DOSEWATCH_EMBEDDED_KAFKA_ROLLOVER_RECORDS in a partition, `dosewatch up` moves to a
     fresh broker: the demo's statuses keep coming through the same API, twice over, with
-    nothing logged as an error; Ctrl-C during a rollover still stops it cleanly."""
+    nothing logged as an error; Ctrl-C during a rollover still stops it cleanly. The stages
+    are moved in this process, or as processes through their control routes."""
     env = {
         "DOSEWATCH_EMBEDDED_KAFKA_ROLLOVER_RECORDS": "60",
         "DOSEWATCH_EMBEDDED_KAFKA_ROLLOVER_CHECK_S": "1",
         "DOSEWATCH_LOG_LEVEL": "INFO",
     }
-    proc, lines = start_up(state_dir, env, ("--demo", "--speed", "10"))
+    proc, lines = start_up(state_dir, env, ("--demo", "--speed", "10", *args))
+    stages = _stage_kids(proc.pid)
     try:
         api = re.search(r"api (http://[0-9.:]+)", lines[-1])
         assert api is not None
@@ -255,6 +270,7 @@ def test_up_rolls_its_broker_over_and_keeps_going(state_dir: Path) -> None:
                 break
         else:
             raise AssertionError("no rollover began")
+        assert _stage_kids(proc.pid) == stages  # moved, not started again
     finally:
         rest = finish(proc)
     assert proc.returncode == 0 and "dosewatch stopped" in rest
@@ -348,6 +364,23 @@ def test_a_dead_broker_or_database_stops_up_saying_why(
     assert message in out and "run `dosewatch up` again" in out
     assert "dosewatch stopped" in out
     # Nothing escaped uncaught (the clients' own logs of a lost server carry theirs inside).
+    assert not [line for line in out.splitlines() if line.startswith("Traceback")]
+    deadline = time.monotonic() + 10
+    while alive(kids) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not alive(kids)
+
+
+def test_a_dead_stage_process_stops_up_saying_why(state_dir: Path) -> None:
+    """A stage process that dies is not quietly carried on without: `dosewatch up` stops the
+    rest and says which stage it was, as for the broker."""
+    proc, _ = start_up(state_dir, args=("--processes",))
+    kids = alive(children(proc.pid))
+    os.kill(_child(proc.pid, b"dosewatch.cli", b"geofence"), signal.SIGKILL)
+    out = finish(proc, interrupt=False)
+    assert proc.returncode == 1
+    assert "the geofence stage's process exited (killed by SIGKILL" in out
+    assert "run `dosewatch up` again" in out and "dosewatch stopped" in out
     assert not [line for line in out.splitlines() if line.startswith("Traceback")]
     deadline = time.monotonic() + 10
     while alive(kids) and time.monotonic() < deadline:
