@@ -3,11 +3,12 @@ window: latency from a ping produced to the zone status it caused, for each 10 s
 broker rollovers the stack made meanwhile.
 
     .venv/bin/python bench/up.py [--rate 10000] [--seconds 60] [--rollover-records 20000]
-                                 [--repeat 1]
+                                 [--repeat 1] [--processes]
 
 `bench/pipeline.py` runs each service as its own process, on fresh topics for each rate. This
-runs the stack as `make run` does: one process, its embedded broker behind the proxy, rolled
-over to a fresh broker as its topics grow (`--rollover-records 0`: never). It is fed from
+runs the stack as `make run` does: one process (with `--processes`, the stages in processes
+of their own), its embedded broker behind the proxy, rolled over to a fresh broker as its
+topics grow (`--rollover-records 0`: never). It is fed from
 outside through the proxy, as an AVL gateway would be, and latency is sampled on a zone's
 due -> active change, as in `bench/pipeline.py` (units work beats there). The fetch wait is the
 services' 5 ms (`dosewatch up` waits 50 ms unless told, which saves idle CPU at demo rates).
@@ -57,7 +58,8 @@ async def run(args: argparse.Namespace, state: Path) -> dict[str, Any]:
     log_path = state / "up.log"
     # The demo's zones, and one demo unit: the load below is what is measured.
     command = [sys.executable, "-m", "dosewatch.cli", "up", "--state-dir", str(state / "up"),
-               "--demo", "--units", "1", "--demo-zones", str(args.zones)]  # fmt: skip
+               "--demo", "--units", "1", "--demo-zones", str(args.zones),
+               *(["--processes"] if args.processes else [])]  # fmt: skip
     with log_path.open("wb") as log:
         proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=log)
         try:
@@ -133,6 +135,7 @@ async def measure(args: argparse.Namespace, bootstrap: str, pid: int, log: Path)
         print("rollover", {k: v for k, v in r.items() if k.endswith("_s")}, flush=True)
     moved = [r["dosage_s"] * 1000 for r in rollovers if "dosage_s" in r]
     return {
+        "stages": "processes" if args.processes else "one process",
         "rate": args.rate,
         "sent_per_s": rate,
         "seconds": args.seconds,
@@ -160,6 +163,7 @@ async def main() -> None:
     parser.add_argument("--rollover-records", type=int, default=20_000, help="0: never")
     parser.add_argument("--rollover-check-s", type=float, default=15.0)
     parser.add_argument("--repeat", type=int, default=1)
+    parser.add_argument("--processes", action="store_true", help="dosewatch up --processes")
     args = parser.parse_args()
     rows = []
     for _ in range(args.repeat):
