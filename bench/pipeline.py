@@ -127,6 +127,19 @@ class BrokerCpu:
         self.pid = self.pid_now()
 
 
+def arrival_ms(key: bytes | None, status: dict[str, Any], timestamp: int,
+               seen: set[tuple[bytes | None, str]]) -> float | None:  # fmt: skip
+    """Ping to status, ms, for a zone's due -> active change (caused by the ping whose ts is
+    as_of; `timestamp` is when dosage sent the status), else None. Once per change: dosage
+    publishes every status again, as last sent, on a new broker."""
+    if status["status"] != "active" or status["elapsed_s"] != 0:
+        return None
+    if (key, status["as_of"]) in seen:
+        return None
+    seen.add((key, status["as_of"]))
+    return timestamp - parse_ts(status["as_of"])
+
+
 class StatusWatch:
     """Reads the zone-status topic for latency samples, from broker to broker: a rollover
     switches it once it has read the old topic to the end (`switch`)."""
@@ -153,15 +166,9 @@ class StatusWatch:
         while not stop.is_set():
             for records in (await self._consumer.getmany(timeout_ms=100)).values():
                 for r in records:
-                    status = orjson.loads(r.value)
-                    # caused by the ping whose ts is as_of; r.timestamp is when dosage sent it
-                    first = status["status"] == "active" and status["elapsed_s"] == 0
-                    # Once: dosage publishes every status again on a new broker.
-                    if first and (r.key, status["as_of"]) not in self._seen:
-                        self._seen.add((r.key, status["as_of"]))
-                        if r.timestamp >= self.measure_from_ms:
-                            ms = r.timestamp - parse_ts(status["as_of"])
-                            self.latencies.append((r.timestamp, ms))
+                    ms = arrival_ms(r.key, orjson.loads(r.value), r.timestamp, self._seen)
+                    if ms is not None and r.timestamp >= self.measure_from_ms:
+                        self.latencies.append((r.timestamp, ms))
             if self._switching is not None:
                 bootstrap, since_ms, done = self._switching
                 if await kafka.caught_up(self._consumer, since_ms):

@@ -34,9 +34,9 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench._city import save, table
-from bench.pipeline import _slices, beats, tree_cpu
+from bench.pipeline import _slices, arrival_ms, beats, tree_cpu
 from dosewatch.demo import make_zones
-from schemas.timefmt import format_ts, parse_ts
+from schemas.timefmt import format_ts
 from services.common.embedded import free_port
 from services.common.kafka import BatchProducer
 
@@ -85,6 +85,7 @@ async def measure(args: argparse.Namespace, bootstrap: str, pid: int, log: Path)
                                 fetch_max_wait_ms=200, auto_offset_reset="earliest")  # fmt: skip
     await consumer.start()
     latencies: list[tuple[int, float]] = []
+    seen: set[tuple[bytes | None, str]] = set()
     stop = asyncio.Event()
 
     async def watch() -> None:
@@ -97,9 +98,9 @@ async def measure(args: argparse.Namespace, bootstrap: str, pid: int, log: Path)
                     await consumer.seek_to_beginning(tp)
             for records in (await consumer.getmany(timeout_ms=100)).values():
                 for r in records:
-                    status = orjson.loads(r.value) if r.value else None
-                    if status and status["status"] == "active" and status["elapsed_s"] == 0:
-                        latencies.append((r.timestamp, r.timestamp - parse_ts(status["as_of"])))
+                    if r.value and (ms := arrival_ms(r.key, orjson.loads(r.value), r.timestamp,
+                                                     seen)) is not None:  # fmt: skip
+                        latencies.append((r.timestamp, ms))
 
     watcher = asyncio.create_task(watch())
     t0 = time.monotonic()
