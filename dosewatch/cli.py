@@ -79,8 +79,8 @@ def _parser() -> argparse.ArgumentParser:
         "--processes",
         action="store_true",
         default=None,
-        help="run each stage as a process of its own, for more than about 5,000 pings/s "
-        "(DOSEWATCH_STAGE_PROCESSES)",
+        help="run each stage as a process of its own, as deployed, for machines with cores "
+        "to spare (DOSEWATCH_STAGE_PROCESSES)",
     )
     for name, text in (("ingest", "validate raw AVL input (Kafka and HTTP)"),
                        ("geofence", "pings -> visit events, per unit"),

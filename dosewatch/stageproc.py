@@ -1,10 +1,10 @@
 """A stage of `dosewatch up --processes` run as a process of its own, as deployed.
 
-In one process the three stages and the API share one core; on the embedded broker they keep
-up with about 5,000 pings/s (docs/performance.md, "Thirteenth round"). As processes each
-stage has a core to itself when the machine has one. A stage process is `dosewatch <stage>`
-with `up`'s settings in its environment, dying with `up` (PR_SET_PDEATHSIG), logging to the
-same terminal, and moved at a rollover through its control routes (`rollover.RemoteStage`).
+In one process the three stages and the API share one core. As processes each stage can
+have a core of its own, for more CPU in all (docs/performance.md, "Seventeenth round"). A
+stage process is `dosewatch <stage>` with `up`'s settings in its environment, dying with
+`up` (PR_SET_PDEATHSIG), logging to the same terminal, and moved at a rollover through its
+control routes (`rollover.RemoteStage`).
 """
 
 from __future__ import annotations

@@ -8,8 +8,8 @@ process. With the embedded database it also keeps a development admin key in
 (created once, mode 0600), so the API and the console can be tried at once.
 
 The stages run in this process unless `--processes` (DOSEWATCH_STAGE_PROCESSES) says each
-is to run in its own (`stageproc`): one process keeps up with about 5,000 pings/s on the
-embedded broker, and the stages as processes with 10,000 on two cores (docs/performance.md).
+is to run in its own (`stageproc`), as deployed: that takes more CPU in all, and pays where
+the machine has cores to spare (docs/performance.md, "Seventeenth round").
 """
 
 from __future__ import annotations
