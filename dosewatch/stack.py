@@ -221,14 +221,14 @@ class Stack:
     # -- stages -----------------------------------------------------------------------------
 
     async def _start(self, name: str) -> None:
-        settings = self._settings[name]
-        stage: Any
         if self.processes is not None:
             process = StageProcess(name, self.processes.env)
             await process.start()
             self.stages[name] = process
             self.supervise(asyncio.create_task(self._watch(process), name=name))
             return
+        settings = self._settings[name]
+        stage: Any
         if name == "ingest":
             stage = IngestService(settings)
         elif name == "geofence":
