@@ -49,6 +49,14 @@ def alive(pids: set[int]) -> set[int]:
     return living
 
 
+def gone(pids: set[int], within_s: float = 10.0) -> bool:
+    """Whether every one of `pids` has exited, waiting up to `within_s` for them."""
+    deadline = time.monotonic() + within_s
+    while alive(pids) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return not alive(pids)
+
+
 def up_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     """The embedded stack on ports of its own."""
     env = {k: v for k, v in os.environ.items()
@@ -215,10 +223,7 @@ def test_kill_9_leaves_no_orphans(state_dir: Path, args: tuple[str, ...]) -> Non
     assert len(kids) >= 3 + (3 if args else 0)
     proc.kill()
     proc.wait()
-    deadline = time.monotonic() + 10
-    while alive(kids) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert not alive(kids)
+    assert gone(kids)
 
 
 @STAGE_PROCESSES
@@ -365,10 +370,7 @@ def test_a_dead_broker_or_database_stops_up_saying_why(
     assert "dosewatch stopped" in out
     # Nothing escaped uncaught (the clients' own logs of a lost server carry theirs inside).
     assert not [line for line in out.splitlines() if line.startswith("Traceback")]
-    deadline = time.monotonic() + 10
-    while alive(kids) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert not alive(kids)
+    assert gone(kids)
 
 
 def test_a_dead_stage_process_stops_up_saying_why(state_dir: Path) -> None:
@@ -382,10 +384,7 @@ def test_a_dead_stage_process_stops_up_saying_why(state_dir: Path) -> None:
     assert "the geofence stage's process exited (killed by SIGKILL" in out
     assert "run `dosewatch up` again" in out and "dosewatch stopped" in out
     assert not [line for line in out.splitlines() if line.startswith("Traceback")]
-    deadline = time.monotonic() + 10
-    while alive(kids) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert not alive(kids)
+    assert gone(kids)
 
 
 def test_a_dead_proxy_is_started_again(state_dir: Path) -> None:
