@@ -159,7 +159,8 @@ async def up(state_dir: Path, demo: bool, speed: float, units: int, zones: int,
             stack.supervise(asyncio.create_task(stack.watch_broker(
                 settings.embedded_kafka_rollover_records,
                 settings.embedded_kafka_rollover_check_s)))  # fmt: skip
-        ports = ", ".join(f"{name} {url}" for name, url in stack.addresses().items())
+        addresses = stack.addresses()
+        ports = ", ".join(f"{name} {url}" for name, url in addresses.items())
         key = f"; admin key in {admin_key}" if admin_key else ""
         kafka = (
             f"kafka {public} (fetch wait {settings.fetch_max_wait_ms} ms, "
@@ -167,7 +168,7 @@ async def up(state_dir: Path, demo: bool, speed: float, units: int, zones: int,
         )
         where = "; stages in processes of their own" if launch else ""
         print(f"dosewatch ready: {kafka}; {ports}{key}{where}", flush=True)
-        console = stack.addresses()["api"] + "/"
+        console = addresses["api"] + "/"
         if console_key is not None:
             # The key rides in the fragment, which the browser never sends to a server.
             console += "#key=" + console_key.read_text().strip()
